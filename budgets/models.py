@@ -1,0 +1,195 @@
+"""Grants: a budget is an authorization with an owner, a scope, a class, a limit and a renewal date.
+Grants nest (org -> department -> team -> project/feature -> person/key); a call is charged to every grant
+that covers it and to each of their ancestors."""
+import logging
+import uuid
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.cache import cache
+from django.core.exceptions import ValidationError
+from django.db import models, transaction
+from django.db.models import Sum
+from django.utils import timezone
+
+from governance.models import UsageClass
+
+
+log = logging.getLogger(__name__)
+VERSION_KEY = "budgets:grants:version"
+
+
+def grants_changed() -> None:
+    """After any write to grants commits, every process reloads its in-memory grant index on its next call
+    (budgets.enforcement): the version in the shared cache changes."""
+    def bump():
+        try:
+            cache.set(VERSION_KEY, uuid.uuid4().hex, timeout=None)
+        except Exception:  # the cache is down: processes already reload on every call then
+            log.warning("could not publish a grant change to the cache")
+
+    transaction.on_commit(bump)
+
+
+def default_thresholds() -> list[int]:
+    return [50, 80, 100]
+
+
+class Grant(models.Model):
+    class Scope(models.TextChoices):
+        ORG = "org", "Organisation"
+        DEPARTMENT = "department", "Department"
+        TEAM = "team", "Team"
+        PROJECT = "project", "Project / feature"
+        ENVIRONMENT = "environment", "Environment"
+        PERSON = "person", "Person"
+        KEY = "key", "Key"
+
+    GrantClass = UsageClass
+
+    class Period(models.TextChoices):
+        MONTHLY = "monthly", "Monthly"
+        WEEKLY = "weekly", "Weekly"
+        DAILY = "daily", "Daily"
+        TOTAL = "total", "One-off total"
+
+    class Status(models.TextChoices):
+        ACTIVE = "active", "Active"
+        SUSPENDED = "suspended", "Suspended"
+        EXPIRED = "expired", "Expired"
+
+    class OnCap(models.TextChoices):
+        BLOCK = "block", "Block further calls"
+        ALLOW_AND_PAGE = "allow_and_page", "Allow, and page the owner and IT at once"
+        DOWNGRADE = "downgrade", "Route premium models to the downgrade model, then block"
+
+    class WhenUnverifiable(models.TextChoices):
+        BY_CLASS = "", "By class (production admits, experimentation refuses)"
+        OPEN = "open", "Admit the call and flag it"
+        CLOSED = "closed", "Refuse the call (503)"
+
+    name = models.CharField(max_length=120)
+    owner = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="owned_grants")
+    watchers = models.ManyToManyField(settings.AUTH_USER_MODEL, blank=True, related_name="watched_grants")
+    parent = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="children")
+    allow_oversubscription = models.BooleanField(
+        default=False, help_text="Children may promise more in total than this grant's limit (each is still capped).")
+    scope = models.CharField(max_length=16, choices=Scope.choices)
+    department = models.ForeignKey("governance.Department", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="grants")
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="grants")
+    project = models.CharField(max_length=80, blank=True, help_text="Project or feature tag, for project scope.")
+    environment = models.CharField(max_length=40, blank=True, help_text="Environment tag, for environment scope.")
+    grant_class = models.CharField(max_length=16, choices=GrantClass.choices, default=GrantClass.EXPERIMENTATION)
+    period = models.CharField(max_length=8, choices=Period.choices, default=Period.MONTHLY)
+    limit_amount = models.DecimalField(max_digits=14, decimal_places=2)
+    limit_tokens = models.BigIntegerField(null=True, blank=True)
+    allowed_models = models.ManyToManyField("gateway.ModelAlias", blank=True, related_name="+",
+                                            help_text="Empty: no restriction from this grant.")
+    on_cap = models.CharField(max_length=16, choices=OnCap.choices, default=OnCap.BLOCK,
+                              help_text="Production grants only; experimentation grants always block.")
+    downgrade_to = models.ForeignKey("gateway.ModelAlias", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    when_unverifiable = models.CharField(max_length=8, choices=WhenUnverifiable.choices, default="", blank=True)
+    alert_thresholds = models.JSONField(default=default_thresholds, blank=True, help_text="Percent of the limit, e.g. [50, 80, 100].")
+    webhook_url = models.URLField(blank=True, help_text="Slack-compatible incoming webhook for alerts.")
+    term_start = models.DateField(default=timezone.localdate)
+    renews_at = models.DateField(null=True, blank=True, help_text="The grant expires after this date unless renewed.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.ACTIVE, db_index=True)
+    purpose = models.CharField(max_length=200, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+        indexes = [
+            models.Index(fields=["scope", "status"], name="grant_scope_status_idx"),
+            models.Index(fields=["renews_at"], name="grant_renews_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.get_scope_display()}, {self.limit_amount})"
+
+    def save(self, *args, **kwargs):
+        super().save(*args, **kwargs)
+        grants_changed()
+
+    def delete(self, *args, **kwargs):
+        result = super().delete(*args, **kwargs)
+        grants_changed()
+        return result
+
+    @property
+    def fails_open(self) -> bool:
+        if self.when_unverifiable:
+            return self.when_unverifiable == self.WhenUnverifiable.OPEN
+        return self.grant_class == UsageClass.PRODUCTION
+
+    def ancestors(self) -> list["Grant"]:
+        chain, node, seen = [], self.parent, {self.pk}
+        while node is not None and node.pk not in seen:
+            chain.append(node)
+            seen.add(node.pk)
+            node = node.parent
+        return chain
+
+    def clean(self) -> None:
+        required = {self.Scope.DEPARTMENT: "department", self.Scope.TEAM: "team", self.Scope.PERSON: "person",
+                    self.Scope.KEY: "key", self.Scope.PROJECT: "project", self.Scope.ENVIRONMENT: "environment"}
+        field = required.get(self.scope)
+        if field and not getattr(self, field if field in ("project", "environment") else f"{field}_id"):
+            raise ValidationError({field: f"A {self.get_scope_display().lower()} grant needs a {field}."})
+        if self.parent_id and self.parent_id == self.pk:
+            raise ValidationError({"parent": "A grant cannot be its own parent."})
+        if self.parent_id and self.pk and any(a.pk == self.pk for a in self.parent.ancestors()):
+            raise ValidationError({"parent": "That parent is one of this grant's own descendants."})
+        if self.on_cap == self.OnCap.DOWNGRADE and not self.downgrade_to_id:
+            raise ValidationError({"downgrade_to": "Name the model to downgrade to."})
+        if self.parent_id and not self.parent.allow_oversubscription:
+            siblings = self.parent.children.exclude(pk=self.pk).exclude(status=self.Status.EXPIRED)
+            promised = (siblings.aggregate(s=Sum("limit_amount"))["s"] or Decimal(0)) + (self.limit_amount or 0)
+            if promised > self.parent.limit_amount:
+                raise ValidationError({"limit_amount": (
+                    f"The children of '{self.parent.name}' would promise {promised}, more than its limit of "
+                    f"{self.parent.limit_amount}; lower this limit or let the parent oversubscribe.")})
+
+
+class GrantAlert(models.Model):
+    """One alert sent: the unique constraint makes each threshold go out once per period, whoever races."""
+
+    grant = models.ForeignKey(Grant, on_delete=models.CASCADE, related_name="alerts")
+    period_start = models.DateTimeField()
+    kind = models.CharField(max_length=16, help_text="A threshold percent ('80'), 'forecast' or 'page'.")
+    spent = models.DecimalField(max_digits=14, decimal_places=2)
+    sent_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["grant", "period_start", "kind"], name="grant_alert_once_per_period")]
+        ordering = ["-sent_at"]
+
+    def __str__(self) -> str:
+        return f"{self.grant.name}: {self.kind} at {self.spent}"
+
+
+class IncreaseRequest(models.Model):
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        APPROVED = "approved", "Approved"
+        DENIED = "denied", "Denied"
+
+    grant = models.ForeignKey(Grant, on_delete=models.CASCADE, related_name="increase_requests")
+    requester = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    new_limit = models.DecimalField(max_digits=14, decimal_places=2)
+    reason = models.CharField(max_length=300)
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    approver = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                 help_text="Who must decide: the parent grant's owner (or IT for a top-level grant).")
+    decided_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    decided_at = models.DateTimeField(null=True, blank=True)
+    decision_reason = models.CharField(max_length=300, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.grant.name} -> {self.new_limit} ({self.status})"

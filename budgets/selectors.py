@@ -1,0 +1,32 @@
+"""Reads of grants for the owner's pages and the admin."""
+from decimal import Decimal
+
+from django.db.models import Q
+from django.utils import timezone
+
+from budgets.enforcement import spent_now
+from budgets.models import Grant, IncreaseRequest
+
+RENEWAL_WINDOW_DAYS = 14
+
+
+def grants_for_owner(person) -> list[Grant]:
+    """The person's grants (and everything delegated under them), each with this period's spend."""
+    grants = list(Grant.objects.filter(Q(owner=person) | Q(parent__owner=person)).select_related("parent", "owner")
+                  .order_by("parent_id", "name"))
+    for grant in grants:
+        grant.spent = spent_now(grant)
+        grant.percent = int(min(grant.spent / grant.limit_amount * 100, 999)) if grant.limit_amount else 0
+        grant.renewal_due = grant.renews_at is not None and grant.renews_at <= timezone.localdate() + timezone.timedelta(days=RENEWAL_WINDOW_DAYS)
+    return grants
+
+
+def increases_awaiting(person):
+    pending = IncreaseRequest.objects.filter(status=IncreaseRequest.Status.PENDING).select_related("grant", "requester")
+    if person.has_perm("budgets.change_grant"):
+        return pending
+    return pending.filter(approver=person)
+
+
+def usage_percent(grant: Grant) -> Decimal:
+    return spent_now(grant) / grant.limit_amount * 100 if grant.limit_amount else Decimal(0)

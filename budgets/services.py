@@ -1,0 +1,193 @@
+"""Writes to grants: delegation, increases, renewals, the expiry sweep and the counter check. Each state
+change writes its AuditEvent in the same transaction."""
+import logging
+from dataclasses import dataclass, field
+from datetime import timedelta
+from decimal import Decimal
+
+from django.conf import settings
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.utils import timezone
+
+from budgets.enforcement import UNIT, meters_for
+from budgets.models import Grant, IncreaseRequest, grants_changed
+from governance import roles
+from governance.audit import audit_record, snapshot
+from governance.models import Person
+from governance.notify import email_after_commit
+from governance.redis import get_redis
+
+log = logging.getLogger(__name__)
+
+
+def _may_manage(person: Person, grant: Grant) -> bool:
+    return grant.owner_id == person.pk or person.has_perm("budgets.change_grant")
+
+
+@transaction.atomic
+def grant_delegate(*, parent: Grant, actor: Person, name: str, scope: str, limit_amount: Decimal,
+                   owner: Person | None = None, project: str = "", environment: str = "", person: Person | None = None,
+                   key=None, purpose: str = "") -> Grant:
+    """A grant's owner splits it: a child grant for one of their projects, features, environments, people
+    or keys, within the parent's limit (validated), without IT."""
+    parent = Grant.objects.select_for_update().get(pk=parent.pk)
+    if not _may_manage(actor, parent):
+        raise PermissionDenied("Only the grant's owner can delegate from it.")
+    child = Grant(
+        name=name, owner=owner or person or actor, parent=parent, scope=scope, limit_amount=limit_amount,
+        project=project, environment=environment, person=person, key=key, purpose=purpose,
+        team=parent.team if scope in (Grant.Scope.PROJECT, Grant.Scope.ENVIRONMENT, Grant.Scope.PERSON) else None,
+        department=parent.department, grant_class=parent.grant_class, period=parent.period,
+        renews_at=parent.renews_at, term_start=parent.term_start,
+    )
+    child.full_clean()
+    child.save()
+    audit_record(actor=actor, action="grant.delegate", obj=child, after={**snapshot(child), "parent": parent.name})
+    return child
+
+
+def _apply_limit(grant: Grant, new_limit: Decimal, *, actor: Person | None, reason: str) -> Grant:
+    before = snapshot(grant)
+    grant.limit_amount = new_limit
+    grant.full_clean()
+    grant.save(update_fields=["limit_amount"])
+    audit_record(actor=actor, actor_label=None if actor else "increase policy", action="grant.limit_change",
+                 obj=grant, before=before, after={**snapshot(grant), "reason": reason})
+    return grant
+
+
+@transaction.atomic
+def grant_increase_request(*, grant: Grant, requester: Person, new_limit: Decimal, reason: str) -> IncreaseRequest:
+    """Small increases (up to TOLLGATE_GRANT_AUTO_INCREASE) that fit the parent are approved at once; larger
+    ones wait for the parent grant's owner (or IT for a top-level grant)."""
+    grant = Grant.objects.select_for_update(of=("self",)).select_related("parent__owner").get(pk=grant.pk)
+    if grant.owner_id != requester.pk:
+        raise PermissionDenied("Only the grant's owner can ask for more.")
+    if new_limit <= grant.limit_amount:
+        raise ValidationError({"new_limit": f"Ask for more than the current {grant.limit_amount}."})
+    request = IncreaseRequest.objects.create(grant=grant, requester=requester, new_limit=new_limit, reason=reason,
+                                             approver=grant.parent.owner if grant.parent else None)
+    audit_record(actor=requester, action="grant.increase_request", obj=grant,
+                 after={"from": grant.limit_amount, "to": new_limit, "reason": reason})
+    if new_limit - grant.limit_amount <= settings.TOLLGATE_GRANT_AUTO_INCREASE:
+        try:
+            with transaction.atomic():
+                _apply_limit(grant, new_limit, actor=None, reason=f"increase under the policy threshold: {reason}")
+        except ValidationError:
+            pass  # does not fit the parent: a person decides
+        else:
+            _decide_increase(request, status=IncreaseRequest.Status.APPROVED, actor=None, reason="under the policy threshold")
+            return request
+    recipients = [request.approver] if request.approver else []
+    email_after_commit(to=recipients or _it_people(), subject=f"{requester} asks to raise '{grant.name}' to {new_limit}",
+                       body=f"Grant '{grant.name}' is at {grant.limit_amount}; {requester} asks for {new_limit}: {reason}")
+    return request
+
+
+def _it_people() -> list[Person]:
+    return roles.people_with_role(roles.IT_ADMIN)
+
+
+def _decide_increase(request: IncreaseRequest, *, status: str, actor: Person | None, reason: str) -> None:
+    request.status, request.decided_by, request.decided_at, request.decision_reason = status, actor, timezone.now(), reason
+    request.save(update_fields=["status", "decided_by", "decided_at", "decision_reason"])
+    audit_record(actor=actor, actor_label=None if actor else "increase policy", action=f"grant.increase_{status}",
+                 obj=request.grant, after={"to": request.new_limit, "reason": reason})
+    email_after_commit(to=[request.requester], subject=f"Your increase for '{request.grant.name}' was {status}",
+                       body=f"Requested {request.new_limit}: {status}" + (f" ({reason})" if reason else "."))
+
+
+@transaction.atomic
+def increase_decide(*, request: IncreaseRequest, actor: Person, approve: bool, reason: str = "") -> IncreaseRequest:
+    request = IncreaseRequest.objects.select_for_update(of=("self",)).select_related("grant", "requester").get(pk=request.pk)
+    if request.status != IncreaseRequest.Status.PENDING:
+        raise ValidationError(f"This request was already {request.status}.")
+    if actor.pk != request.approver_id and not actor.has_perm("budgets.change_grant"):
+        raise PermissionDenied("Only the parent grant's owner or IT can decide this increase.")
+    if approve:
+        grant = Grant.objects.select_for_update().get(pk=request.grant_id)
+        _apply_limit(grant, request.new_limit, actor=actor, reason=reason or f"increase request #{request.pk}")
+    elif not reason.strip():
+        raise ValidationError({"reason": "Give a reason for the denial."})
+    _decide_increase(request, status=IncreaseRequest.Status.APPROVED if approve else IncreaseRequest.Status.DENIED,
+                     actor=actor, reason=reason)
+    return request
+
+
+@transaction.atomic
+def grant_renew(*, grant: Grant, actor: Person) -> Grant:
+    """The next term: as long as the last one, starting the day after it ends (or today, if it lapsed)."""
+    grant = Grant.objects.select_for_update().get(pk=grant.pk)
+    if not _may_manage(actor, grant):
+        raise PermissionDenied("Only the grant's owner or IT can renew it.")
+    if grant.renews_at is None:
+        raise ValidationError("This grant does not expire.")
+    before = snapshot(grant)
+    length = max((grant.renews_at - grant.term_start).days, 1)
+    grant.term_start = max(grant.renews_at + timedelta(days=1), timezone.localdate())
+    grant.renews_at = grant.term_start + timedelta(days=length)
+    grant.status = Grant.Status.ACTIVE
+    grant.save(update_fields=["term_start", "renews_at", "status"])
+    audit_record(actor=actor, action="grant.renew", obj=grant, before=before, after=snapshot(grant))
+    return grant
+
+
+def grants_expire_sweep(*, today=None) -> int:
+    """Grants past their renewal date expire (claimed one by one with a conditional UPDATE, so two sweeps
+    at once never double-audit)."""
+    today = today or timezone.localdate()
+    expired = 0
+    for grant in Grant.objects.filter(status=Grant.Status.ACTIVE, renews_at__lt=today).select_related("owner"):
+        with transaction.atomic():
+            if Grant.objects.filter(pk=grant.pk, status=Grant.Status.ACTIVE).update(status=Grant.Status.EXPIRED) == 1:
+                audit_record(actor=None, actor_label="expiry sweep", action="grant.expire", obj=grant,
+                             before={"status": "active"}, after={"status": "expired", "renews_at": grant.renews_at})
+                email_after_commit(to=[grant.owner], subject=f"Grant '{grant.name}' expired",
+                                   body=f"'{grant.name}' was not renewed by {grant.renews_at}; calls on it are refused.")
+                expired += 1
+    if expired:
+        grants_changed()
+    return expired
+
+
+_COMPARE_AND_SET = """
+if tonumber(redis.call('GET', KEYS[1]) or '-1') == tonumber(ARGV[1]) then
+  redis.call('SET', KEYS[1], ARGV[2], 'KEEPTTL')
+  return 1
+end
+return 0
+"""
+
+
+@dataclass
+class CounterReport:
+    checked: int = 0
+    drift: list[tuple[str, int, int]] = field(default_factory=list)  # (meter, counter, ledger) in units
+
+
+def grant_counters_verify(*, repair: bool = True) -> CounterReport:
+    """Compare every active grant's counter for this period with the ledger; report (and repair) drift.
+    The repair is a compare-and-set, so a call settling meanwhile is never overwritten."""
+    report = CounterReport()
+    client = get_redis()
+    if client is None:
+        return report
+    for grant in Grant.objects.filter(status=Grant.Status.ACTIVE):
+        for meter in meters_for([grant]):
+            report.checked += 1
+            key = meter.redis_keys()[0]
+            counter = client.get(key)
+            if counter is None:
+                continue  # rebuilt from the ledger on its next use
+            ledger = meter.ledger_total()
+            if int(counter) != ledger:
+                report.drift.append((meter.base, int(counter), ledger))
+                if repair:
+                    client.eval(_COMPARE_AND_SET, 1, key, int(counter), ledger)
+    for base, counter, ledger in report.drift:
+        log.warning("budget counter %s drifted: %d units counted, %d in the ledger", base, counter, ledger)
+        audit_record(actor=None, actor_label="counter check", action="grant.counter_repair",
+                     after={"counter": base, "counted": str(counter * UNIT), "ledger": str(ledger * UNIT)})
+    return report
+

@@ -1,0 +1,83 @@
+"""The relay's HTTP surface: OpenAI- and Anthropic-compatible endpoints. Parsing and responses only;
+everything else is gateway.relay."""
+import json
+
+from django.conf import settings
+from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+from rest_framework.views import APIView
+
+from gateway import relay
+from gateway.errors import RelayError
+from governance.context import client_ip
+
+
+def _response(result: relay.RelayResult) -> HttpResponse:
+    if result.stream is not None:
+        response = StreamingHttpResponse(result.stream, status=result.status, content_type="text/event-stream")
+    else:
+        response = HttpResponse(
+            json.dumps(result.body, ensure_ascii=False, separators=(",", ":")),
+            status=result.status, content_type="application/json",
+        )
+    for name, value in result.headers.items():
+        response[name] = value
+    return response
+
+
+class RelayView(APIView):
+    """Hands the raw call to the relay and returns what it says."""
+
+    endpoint = ""
+    authentication_classes = ()
+    permission_classes = ()
+
+    def relay(self, request, body: bytes = b"", content_length: int = 0) -> HttpResponse:
+        raw = request._request
+        call = relay.RelayCall(
+            endpoint=self.endpoint, headers=raw.headers, body=body, content_length=content_length,
+            client_ip=client_ip(raw.META), request_id=raw.request_id,
+        )
+        return _response(relay.handle(call))
+
+    def http_method_not_allowed(self, request, *args, **kwargs):
+        error = RelayError("method_not_allowed", f"{request.method} is not allowed on this endpoint")
+        return JsonResponse(error.body(), status=error.status)
+
+
+class InferenceView(RelayView):
+    def post(self, request):
+        raw = request._request
+        try:
+            content_length = int(raw.META.get("CONTENT_LENGTH") or 0)
+        except ValueError:
+            content_length = 0
+        # A body over the limit is never read; the relay refuses it (request_too_large) with a ledger entry.
+        body = b"" if content_length > settings.TOLLGATE_MAX_BODY_BYTES else raw.body
+        return self.relay(request, body, max(content_length, len(body)))
+
+
+class ChatCompletionsView(InferenceView):
+    endpoint = relay.CHAT
+
+
+class MessagesView(InferenceView):
+    endpoint = relay.MESSAGES
+
+
+class EmbeddingsView(InferenceView):
+    endpoint = relay.EMBEDDINGS
+
+
+class ModelsView(RelayView):
+    endpoint = relay.MODELS
+
+    def get(self, request):
+        return self.relay(request)
+
+
+@csrf_exempt
+def not_found(request, rest: str = ""):
+    """Unknown /v1 paths get the same JSON error shape as every refusal, never an HTML page."""
+    error = RelayError("not_found", f"no such endpoint: {request.method} /v1/{rest}")
+    return JsonResponse(error.body(), status=error.status)

@@ -1,0 +1,214 @@
+"""One call from start to ledger entry: run the checks, forward (with fallback), settle, record."""
+import json
+import logging
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from django.db import connection as db_connection
+
+from budgets import alerts, enforcement
+from gateway import catalog, providers, ratelimit, translate
+from gateway.catalog import Target
+from gateway.errors import RelayError
+from gateway.pricing import cost_of
+from gateway.relay.checks import (
+    CHAT,
+    EMBEDDINGS,
+    MESSAGES,
+    MODELS,
+    RelayCall,
+    admit,
+    allowed_alias_ids,
+    authenticate,
+    check_grants,
+    check_ip,
+    check_request,
+    collect_tags,
+    parse_body,
+    reserve,
+    resolve_model,
+    touch_key,
+)
+from gateway.relay.wire import StreamConverter, client_response, upstream_payload
+from governance.models import BodyLogging
+from keys.models import VirtualKey
+from ledger.models import LedgerEntry
+from ledger.services import CallRecord, ledger_record
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class RelayResult:
+    status: int
+    body: dict | None = None
+    stream: Iterator[bytes] | None = None
+    headers: dict[str, str] = field(default_factory=dict)
+
+
+def handle(call: RelayCall) -> RelayResult:
+    record = CallRecord(request_id=call.request_id, client_ip=call.client_ip, started=time.perf_counter())
+    anthropic_client = call.endpoint == MESSAGES
+    try:
+        key = authenticate(call.headers, record)
+        check_ip(key, call.client_ip)
+        if call.endpoint == MODELS:
+            return list_models(key)
+        payload = parse_body(call)
+        record.tags = collect_tags(key, call.headers, payload, record.tags)
+        route = resolve_model(payload, key, call.endpoint, record)
+        grants = check_grants(key, route, record)
+        check_request(payload, route, call.endpoint)
+        record.body_mode = key.effective_body_logging
+        if record.body_mode != BodyLogging.OFF:
+            record.request_text = call.body.decode("utf-8", "replace")
+        admission = admit(key, record.person)
+        touch_key(key)
+        route, hold = reserve(key, grants, payload, route, record, call.endpoint)
+        client_format = providers.WIRE_ANTHROPIC if anthropic_client else providers.WIRE_OPENAI
+        if payload.get("stream") and call.endpoint != EMBEDDINGS:
+            return stream_call(payload, route, client_format, record, admission, hold)
+        return forward_call(payload, route, call.endpoint, client_format, record, admission, hold)
+    except RelayError as error:
+        return refuse(record, error, anthropic_client)
+    except Exception:
+        log.exception("relay failed on request %s", call.request_id)
+        return refuse(record, RelayError("internal_error", "Tollgate could not handle this call; it has been logged"), anthropic_client)
+
+
+def refuse(record: CallRecord, error: RelayError, anthropic_client: bool) -> RelayResult:
+    upstream = error.code.startswith("upstream") or error.code == "internal_error"
+    record.outcome = LedgerEntry.Outcome.UPSTREAM_ERROR if upstream else LedgerEntry.Outcome.REFUSED
+    record.http_status, record.error_code, record.detail = error.status, error.code, error.message
+    try:
+        finish(record)
+    except Exception:  # the client still gets its JSON error; the lost ledger row is logged for IT to chase
+        log.exception("LEDGER WRITE FAILED for refused request %s (%s)", record.request_id, error.code)
+    return RelayResult(error.status, body=error.body(anthropic=anthropic_client), headers=error.headers)
+
+
+def finish(record: CallRecord) -> None:
+    record.latency_ms = int((time.perf_counter() - record.started) * 1000)
+    ledger_record(record)
+
+
+def settle(record: CallRecord, target: Target, usage: translate.Usage, admission, hold) -> None:
+    record.provider_model = target.provider_model
+    record.input_tokens, record.output_tokens, record.cached_tokens = usage.input_tokens, usage.output_tokens, usage.cached_tokens
+    record.cost = cost_of(target.price_at(record.created_at), input_tokens=usage.input_tokens,
+                          output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens)
+    alerts.after_settle(enforcement.settle(hold, cost=record.cost, tokens=usage.input_tokens + usage.output_tokens))
+    ratelimit.charge_tokens(admission, usage.input_tokens + usage.output_tokens)
+
+
+def _send_with_fallback(targets, payload, client_format, endpoint, stream, record):
+    """Try each deployment in order; move on after 429, 5xx, timeouts and refused connections."""
+    failure = None
+    for target in targets:
+        if endpoint == EMBEDDINGS and providers.wire_format(target.provider) != providers.WIRE_OPENAI:
+            continue
+        record.provider_model = target.provider_model
+        started = time.perf_counter()
+        try:
+            upstream = providers.send(target, upstream_payload(payload, target, client_format, stream),
+                                      endpoint="embeddings" if endpoint == EMBEDDINGS else "chat", stream=stream)
+        except providers.UpstreamFailure as exc:
+            failure = exc
+            log.warning("upstream %s failed (%s): %s", target.provider_model, exc.code, exc.message)
+            if exc.retryable:
+                continue
+            break
+        record.upstream_latency_ms = int((time.perf_counter() - started) * 1000)
+        return target, upstream
+    if failure is None:
+        raise RelayError("invalid_request", "no deployment of this model can serve this endpoint")
+    raise RelayError(failure.code, failure.message)
+
+
+def forward_call(payload, route, endpoint, client_format, record, admission, hold) -> RelayResult:
+    try:
+        target, body = _send_with_fallback(route.targets, payload, client_format, endpoint, False, record)
+        try:
+            response, usage = client_response(body, target, client_format) if endpoint != EMBEDDINGS else (body, translate.usage_from_openai(body.get("usage")))
+        except (KeyError, TypeError, ValueError, AttributeError):
+            raise RelayError("upstream_error", f"{target.provider.name} sent a response Tollgate could not read") from None
+    except BaseException:
+        enforcement.release(hold)
+        raise
+    settle(record, target, usage, admission, hold)
+    if record.body_mode != BodyLogging.OFF:
+        record.response_text = json.dumps(response, ensure_ascii=False)
+    finish(record)
+    return RelayResult(200, body=response, headers={**admission.headers(), "x-tollgate-model": target.provider_model.name})
+
+
+def stream_call(payload, route, client_format, record, admission, hold) -> RelayResult:
+    record.streamed = True
+    try:
+        target, upstream = _send_with_fallback(route.targets, payload, client_format, CHAT, True, record)
+    except BaseException:
+        enforcement.release(hold)
+        raise
+    # A stream can last minutes; give the database connection back meanwhile (the ledger write at the end
+    # takes one again), so hundreds of open streams do not pin hundreds of connections.
+    db_connection.close()
+    converter = StreamConverter(payload, target, client_format, record.request_id)
+    headers = {**admission.headers(), "x-tollgate-model": target.provider_model.name, "Cache-Control": "no-cache",
+               "X-Accel-Buffering": "no"}
+
+    recorded = False
+
+    def close_out() -> None:
+        nonlocal recorded
+        recorded = True
+        settle(record, target, converter.usage(), admission, hold)
+        if record.body_mode != BodyLogging.OFF:
+            record.response_text = "".join(converter.text)
+        finish(record)
+
+    def fail(code: str, message: str) -> bytes:
+        record.outcome, record.http_status, record.error_code, record.detail = (
+            LedgerEntry.Outcome.UPSTREAM_ERROR, 502, code, message)
+        close_out()
+        return converter.error(RelayError(code, message))
+
+    def body() -> Iterator[bytes]:
+        try:
+            for event, data in upstream.events:
+                if converter.done:
+                    continue  # read the upstream to its end, so its connection goes back to the pool
+                yield from converter.feed(event, data)
+            if not converter.done:
+                raise providers.UpstreamFailure("upstream_error", f"{target.provider.name} ended the stream early", retryable=False)
+            tail = list(converter.finish())
+            close_out()  # the ledger entry exists before the client sees the end of the stream
+            yield from tail
+        except providers.UpstreamFailure as exc:
+            yield fail(exc.code, exc.message)
+        except translate.UpstreamStreamError as exc:
+            yield fail("upstream_error", f"{target.provider.name} sent an error mid-stream: {str(exc)[:150]}")
+        except GeneratorExit:
+            record.outcome, record.error_code, record.detail = (
+                LedgerEntry.Outcome.CLIENT_ABORT, "client_disconnected", "the client closed the stream")
+            raise
+        except Exception:
+            log.exception("stream relay failed on request %s", record.request_id)
+            yield fail("upstream_error", "the stream could not be relayed")
+        finally:
+            upstream.close()
+            if not recorded:
+                close_out()
+
+    return RelayResult(200, stream=body(), headers=headers)
+
+
+def list_models(key: VirtualKey) -> RelayResult:
+    allowed = allowed_alias_ids(key)
+    data = [
+        {"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}
+        for name, route in sorted(catalog.all_routes().items())
+        if allowed is None or route.alias.pk in allowed
+    ]
+    return RelayResult(200, body={"object": "list", "data": data})
+

@@ -1,0 +1,276 @@
+"""The relay's checks, in the order the API promises: key (and a signed actor), source IP, request, model
+and grants, rate limits, budget. Each refusal is a RelayError with its own code."""
+import ipaddress
+import json
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+
+from django.conf import settings
+from django.utils import timezone
+
+from budgets import alerts, enforcement
+from budgets.enforcement import BudgetRefused, Reservation
+from gateway import catalog, ratelimit
+from gateway.catalog import Route
+from gateway.errors import RelayError
+from gateway.models import ModelAlias
+from gateway.pricing import cost_of
+from governance.models import Person
+from governance.redis import get_redis
+from keys.actor import ActorError, verify_actor
+from keys.models import VirtualKey
+from keys.selectors import key_by_secret
+from ledger.services import CallRecord
+
+log = logging.getLogger(__name__)
+
+TAG_NAMES = ("project", "feature", "environment", "experiment")
+CHAT, MESSAGES, EMBEDDINGS, MODELS = "chat", "messages", "embeddings", "models"
+_KEY_STATUS_REFUSALS = {
+    VirtualKey.Status.PENDING: ("key_inactive", "this key is not active yet"),
+    VirtualKey.Status.SUSPENDED: ("key_suspended", "this key is suspended"),
+    VirtualKey.Status.EXPIRED: ("key_expired", "this key has expired"),
+    VirtualKey.Status.REVOKED: ("key_revoked", "this key has been revoked"),
+}
+
+
+
+@dataclass
+class RelayCall:
+    endpoint: str
+    headers: Mapping[str, str]
+    body: bytes
+    content_length: int
+    client_ip: str | None
+    request_id: str
+
+
+def _presented_secret(headers: Mapping[str, str]) -> str:
+    authorization = headers.get("Authorization", "")
+    if authorization[:7].lower() == "bearer ":
+        return authorization[7:].strip()
+    return headers.get("x-api-key", "").strip()
+
+
+def authenticate(headers: Mapping[str, str], record: CallRecord) -> VirtualKey:
+    secret = _presented_secret(headers)
+    if not secret:
+        raise RelayError("missing_api_key", "no API key: send 'Authorization: Bearer tg_...' or 'x-api-key: tg_...'")
+    key = key_by_secret(secret)
+    if key is None:
+        raise RelayError("invalid_api_key", "the API key is not valid")
+    record.key, record.person, record.team = key, key.person, key.team
+    record.cost_center = key.team.cost_center
+    if key.status in _KEY_STATUS_REFUSALS:
+        raise RelayError(*_KEY_STATUS_REFUSALS[key.status])
+    if key.expires_at is not None and key.expires_at <= timezone.now():
+        raise RelayError("key_expired", "this key has expired")
+    if not key.team.is_active or (key.person is not None and not key.person.is_active):
+        raise RelayError("key_inactive", "the key's team or owner is no longer active")
+    if "X-Tollgate-Actor" in headers:
+        record.person, actor_tags = resolve_actor(key, headers)
+        record.tags.update(actor_tags)
+    return key
+
+
+def resolve_actor(key: VirtualKey, headers: Mapping[str, str]) -> tuple[Person, dict]:
+    """A service key's signed X-Tollgate-Actor names the person the call is for; their limits then apply."""
+    if not key.is_service_key:
+        raise RelayError("invalid_actor", "only service keys may send X-Tollgate-Actor")
+    try:
+        claims = verify_actor(key.signing_secret, headers["X-Tollgate-Actor"], headers.get("X-Tollgate-Actor-Signature", ""))
+    except ActorError as exc:
+        raise RelayError(exc.code, exc.message) from None
+    person = Person.objects.filter(email__iexact=claims.user, is_active=True, memberships__team=key.team).first()
+    if person is None:
+        raise RelayError("unknown_actor", f"'{claims.user}' is not an active member of the key's team")
+    tags = {name: value for name, value in (("feature", claims.feature), ("environment", claims.environment)) if value}
+    return person, tags
+
+
+def _ip_allowed(client_ip: str | None, allowlist: list[str]) -> bool:
+    if not allowlist:
+        return True
+    if not client_ip:
+        return False
+    address = ipaddress.ip_address(client_ip)
+    return any(address in ipaddress.ip_network(cidr, strict=False) for cidr in allowlist)
+
+
+def check_ip(key: VirtualKey, client_ip: str | None) -> None:
+    for holder, allowlist in (("key", key.ip_allowlist), ("team", key.team.ip_allowlist)):
+        if not _ip_allowed(client_ip, allowlist):
+            raise RelayError("ip_not_allowed", f"calls from {client_ip} are not allowed by the {holder}'s IP allowlist")
+
+
+def parse_body(call: RelayCall) -> dict:
+    if call.content_length > settings.TOLLGATE_MAX_BODY_BYTES:
+        raise RelayError("request_too_large", f"request body over {settings.TOLLGATE_MAX_BODY_BYTES} bytes")
+    try:
+        payload = json.loads(call.body)
+    except (ValueError, UnicodeDecodeError):
+        raise RelayError("invalid_json", "the request body is not valid JSON") from None
+    if not isinstance(payload, dict):
+        raise RelayError("invalid_json", "the request body must be a JSON object")
+    model = payload.get("model")
+    if not isinstance(model, str) or not model:
+        raise RelayError("invalid_request", "'model' is required")
+    return payload
+
+
+def allowed_alias_ids(key: VirtualKey) -> set[int] | None:
+    """The intersection of the key's and the team's allowlists; None when neither restricts."""
+    allowed = None
+    for ids in (
+        set(key.allowed_models.values_list("pk", flat=True)),
+        set(key.team.allowed_models.values_list("pk", flat=True)),
+    ):
+        if ids:
+            allowed = ids if allowed is None else allowed & ids
+    return allowed
+
+
+def resolve_model(payload: dict, key: VirtualKey, endpoint: str, record: CallRecord) -> Route:
+    name = payload["model"]
+    record.model_requested = name
+    route = catalog.route_for(name)
+    if route is None:
+        raise RelayError("model_not_found", f"the model '{name}' does not exist in the catalog")
+    record.alias = route.alias
+    allowed = allowed_alias_ids(key)
+    if allowed is not None and route.alias.pk not in allowed:
+        raise RelayError("model_not_allowed", f"this key may not use the model '{name}'")
+    wanted_kind = ModelAlias.Kind.EMBEDDING if endpoint == EMBEDDINGS else ModelAlias.Kind.CHAT
+    if route.alias.kind != wanted_kind:
+        raise RelayError("invalid_request", f"'{name}' is a {route.alias.kind} model and cannot serve this endpoint")
+    return route
+
+
+def check_request(payload: dict, route: Route, endpoint: str) -> None:
+    if endpoint == EMBEDDINGS:
+        if not isinstance(payload.get("input"), (str, list)) or not payload.get("input"):
+            raise RelayError("invalid_request", "'input' is required: a string or a list of strings")
+        return
+    messages = payload.get("messages")
+    if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
+        raise RelayError("invalid_request", "'messages' is required: a non-empty list of message objects")
+    if endpoint == MESSAGES and not isinstance(payload.get("max_tokens"), int):
+        raise RelayError("invalid_request", "'max_tokens' is required: an integer")
+    requested = payload.get("max_completion_tokens") or payload.get("max_tokens")
+    if requested is not None:
+        if not isinstance(requested, int) or requested < 1:
+            raise RelayError("invalid_request", "'max_tokens' must be a positive integer")
+        if requested > route.max_output_tokens:
+            raise RelayError("max_tokens_too_large", f"max_tokens {requested} is over this model's limit of {route.max_output_tokens}")
+
+
+def collect_tags(key: VirtualKey, headers: Mapping[str, str], payload: dict, actor_tags: dict) -> dict:
+    """Key defaults, then the signed actor's, then the X-Tollgate-Tags header (k=v,k=v or a JSON object),
+    then body metadata."""
+    tags = {k: v for k, v in (key.default_tags or {}).items() if k in TAG_NAMES}
+    tags.update(actor_tags)
+    header = headers.get("X-Tollgate-Tags", "").strip()
+    if header:
+        try:
+            given = json.loads(header) if header.startswith("{") else dict(
+                part.split("=", 1) for part in header.split(",") if "=" in part
+            )
+        except ValueError:
+            raise RelayError("invalid_request", "X-Tollgate-Tags must be 'name=value,...' or a JSON object") from None
+        tags.update({k.strip(): str(v).strip() for k, v in given.items() if k.strip() in TAG_NAMES})
+    metadata = payload.get("metadata")
+    if isinstance(metadata, dict):
+        tags.update({k: str(metadata.pop(k)) for k in TAG_NAMES if k in metadata})
+        if not metadata:
+            payload.pop("metadata")
+    return {k: v[:64] for k, v in tags.items() if v}
+
+
+def admit(key: VirtualKey, person: Person | None) -> ratelimit.Admission:
+    limits = ratelimit.limits_for(key=key, person=person, team=key.team)
+    try:
+        return ratelimit.admit(limits)
+    except ratelimit.LimitExceeded as exc:
+        raise RelayError(
+            "rate_limit_exceeded", f"{exc.limit.describe()} reached; retry after {exc.retry_after}s",
+            headers={"Retry-After": str(exc.retry_after)},
+        ) from None
+    except ratelimit.LimitsUnavailable as exc:
+        raise RelayError("limits_unavailable", f"limits cannot be checked right now: {exc}") from None
+
+
+def estimate_input_tokens(payload: dict) -> int:
+    """An upper-leaning estimate (3 characters a token) for holds and for usage a provider never reported."""
+    text = json.dumps(payload.get("messages") or payload.get("input") or "", ensure_ascii=False)
+    return len(text) // 3 + 1
+
+
+def worst_case_cost(payload: dict, route: Route) -> Decimal:
+    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
+    now = timezone.now()
+    return max(
+        cost_of(t.price_at(now), input_tokens=estimate_input_tokens(payload), output_tokens=output) for t in route.targets
+    )
+
+
+def check_grants(key: VirtualKey, route: Route, record: CallRecord) -> list:
+    """The grants this call is charged to; an expired or suspended one, or one whose allowlist excludes the
+    model, refuses it here, before any limit is counted."""
+    grants = enforcement.covering_grants(key=key, person=record.person, team=key.team, tags=record.tags)
+    try:
+        enforcement.check_grants(grants, route.alias)
+    except BudgetRefused as exc:
+        raise RelayError(exc.code, exc.message) from None
+    record.grant = grants[0] if grants else None
+    return grants
+
+
+def reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: CallRecord, endpoint: str) -> tuple[Route, Reservation]:
+    """Hold the worst case on every covering grant. A production grant set to downgrade re-routes a premium
+    model to its cheaper one and tries once more before refusing."""
+    try:
+        reservation = _reserve(key, grants, payload, route)
+    except BudgetRefused as exc:
+        grant = exc.grant
+        downgrade = (exc.code == "budget_exceeded" and grant is not None and grant.grant_class == grant.GrantClass.PRODUCTION
+                     and grant.on_cap == grant.OnCap.DOWNGRADE and grant.downgrade_to is not None
+                     and route.alias.tier == ModelAlias.Tier.PREMIUM)
+        cheaper = catalog.route_for(grant.downgrade_to.name) if downgrade else None
+        if cheaper is None:
+            if exc.code == "budget_exceeded" and grant is not None:
+                alerts.cap_reached(grant)
+            raise RelayError(exc.code, exc.message) from None
+        check_request(payload, cheaper, endpoint)
+        try:
+            reservation = _reserve(key, grants, payload, cheaper)
+        except BudgetRefused as again:
+            raise RelayError(again.code, again.message) from None
+        record.alias, route = cheaper.alias, cheaper
+        record.detail = f"downgraded from '{payload['model']}' to '{cheaper.alias.name}' by grant '{grant.name}'"
+    record.grant_path = reservation.grant_path
+    if reservation.unverified:
+        record.detail = "budget unverified: counters unreachable, admitted by production grants' policy"
+        alerts.alert_unverified(reservation.grants)
+    for grant in reservation.over_cap:
+        alerts.page_over_cap(grant)
+    return route, reservation
+
+
+def _reserve(key, grants, payload, route) -> Reservation:
+    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
+    return enforcement.reserve(grants=grants, key=key, cost=worst_case_cost(payload, route),
+                               tokens=estimate_input_tokens(payload) + output)
+
+
+def touch_key(key: VirtualKey) -> None:
+    """last_used_at, at most once a minute per key, so the hot path does not write the key row every call."""
+    client = get_redis()
+    try:
+        if client is not None and not client.set(f"key-used:{key.pk}", 1, nx=True, ex=60):
+            return
+    except Exception:
+        return
+    VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+

@@ -1,0 +1,134 @@
+"""The demo organisation that `make run` loads: departments, cost centers, teams, people with roles, a
+provider (the built-in mock, or any OpenAI-compatible URL) and a priced model catalog. Safe to load twice."""
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from decimal import Decimal
+
+from django.apps import apps as django_apps
+from django.contrib.auth.models import Group
+from django.db import transaction
+
+from budgets.models import Grant
+from gateway.models import Deployment, ModelAlias, ModelPrice, Provider, ProviderModel
+from governance import roles
+from governance.audit import audit_record
+from governance.models import CostCenter, Department, Membership, Person, Team
+from keys.models import VirtualKey
+from keys.services import key_issue, key_revoke
+
+DEMO_PASSWORD = "tollgate-demo"
+DEMO_KEY_NAME = "Demo key (load_demo)"
+PRICES_FROM = datetime(2026, 1, 1, tzinfo=timezone.utc)
+
+
+@dataclass(frozen=True)
+class DemoLogin:
+    username: str
+    role: str
+
+
+LOGINS = [
+    DemoLogin("admin", "superuser"),
+    DemoLogin("it", roles.IT_ADMIN),
+    DemoLogin("finance", roles.FINANCE),
+    DemoLogin("auditor", roles.SECURITY_AUDITOR),
+    DemoLogin("alice", "owner of team platform"),
+    DemoLogin("bob", "member of team platform"),
+    DemoLogin("carol", "owner of data-science, approver for platform"),
+    DemoLogin("dave", "member of team data-science"),
+]
+
+# alias, kind, tier, provider model, max output tokens, input / output / cached price per million tokens
+CATALOG = [
+    ("fast", "chat", "standard", "mock-fast", 4096, "0.15", "0.60", "0.075"),
+    ("smart", "chat", "premium", "mock-smart", 8192, "3.00", "15.00", "0.30"),
+    ("embed", "embedding", "standard", "mock-embed", 0, "0.02", "0", "0"),
+]
+
+
+def _person(username: str, **fields) -> Person:
+    person, _ = Person.objects.update_or_create(
+        username=username, defaults={"email": f"{username}@demo.tollgate.local", **fields}
+    )
+    person.set_password(DEMO_PASSWORD)
+    person.save(update_fields=["password"])
+    return person
+
+
+@dataclass(frozen=True)
+class Demo:
+    logins: list[DemoLogin]
+    key_secret: str  # a fresh key for bob on team platform; the previous demo key is revoked
+
+
+@transaction.atomic
+def load_demo(*, provider_url: str | None = None) -> Demo:
+    engineering, _ = Department.objects.update_or_create(slug="engineering", defaults={"name": "Engineering"})
+    research, _ = Department.objects.update_or_create(slug="research", defaults={"name": "Research"})
+    finance_dept, _ = Department.objects.update_or_create(slug="finance", defaults={"name": "Finance"})
+    cc_platform, _ = CostCenter.objects.update_or_create(code="CC-1100", defaults={"name": "Platform", "department": engineering})
+    cc_ds, _ = CostCenter.objects.update_or_create(code="CC-1200", defaults={"name": "Data science", "department": research})
+    CostCenter.objects.update_or_create(code="CC-9000", defaults={"name": "Finance operations", "department": finance_dept})
+
+    roles.sync_roles(django_apps)  # the role groups, even if someone deleted one
+    staff = {"is_staff": True, "is_active": True}
+    admin = _person("admin", first_name="Ada", last_name="Admin", is_superuser=True, **staff)
+    it = _person("it", first_name="Ivan", last_name="IT", department=engineering, **staff)
+    finance = _person("finance", first_name="Fiona", last_name="Finance", department=finance_dept, **staff)
+    auditor = _person("auditor", first_name="Aude", last_name="Auditor", **staff)
+    alice = _person("alice", first_name="Alice", last_name="Owner", department=engineering, cost_center=cc_platform)
+    bob = _person("bob", first_name="Bob", last_name="Builder", department=engineering, cost_center=cc_platform)
+    carol = _person("carol", first_name="Carol", last_name="Approver", department=research, cost_center=cc_ds)
+    dave = _person("dave", first_name="Dave", last_name="Data", department=research, cost_center=cc_ds)
+    for person, role in [(it, roles.IT_ADMIN), (finance, roles.FINANCE), (auditor, roles.SECURITY_AUDITOR)]:
+        person.groups.add(Group.objects.get(name=role))
+
+    platform, _ = Team.objects.update_or_create(
+        slug="platform", defaults={"name": "Platform", "department": engineering, "cost_center": cc_platform, "owner": alice}
+    )
+    data_science, _ = Team.objects.update_or_create(
+        slug="data-science", defaults={"name": "Data science", "department": research, "cost_center": cc_ds, "owner": carol}
+    )
+    for person, team, role in [
+        (alice, platform, Membership.Role.OWNER),
+        (bob, platform, Membership.Role.MEMBER),
+        (carol, platform, Membership.Role.APPROVER),
+        (carol, data_science, Membership.Role.OWNER),
+        (dave, data_science, Membership.Role.MEMBER),
+    ]:
+        Membership.objects.update_or_create(person=person, team=team, defaults={"role": role})
+
+    kind, base_url = (Provider.Kind.OPENAI, provider_url) if provider_url else (Provider.Kind.MOCK, "")
+    provider, _ = Provider.objects.update_or_create(name="Demo provider", defaults={"kind": kind, "base_url": base_url})
+    if provider_url and not provider.has_api_key:
+        provider.set_api_key("demo-provider-key")
+        provider.save(update_fields=["api_key_encrypted"])
+    for alias_name, kind_, tier, model_name, max_out, price_in, price_out, price_cached in CATALOG:
+        model, _ = ProviderModel.objects.update_or_create(
+            provider=provider, name=model_name, defaults={"max_output_tokens": max_out or 1}
+        )
+        ModelPrice.objects.update_or_create(
+            provider_model=model, effective_from=PRICES_FROM,
+            defaults={"input_per_mtok": Decimal(price_in), "output_per_mtok": Decimal(price_out),
+                      "cached_input_per_mtok": Decimal(price_cached)},
+        )
+        alias, _ = ModelAlias.objects.update_or_create(name=alias_name, defaults={"kind": kind_, "tier": tier})
+        Deployment.objects.update_or_create(alias=alias, provider_model=model, defaults={"priority": 0})
+
+    org_grant, _ = Grant.objects.update_or_create(
+        name="Demo org", scope=Grant.Scope.ORG,
+        defaults={"owner": finance, "limit_amount": Decimal("5000"), "grant_class": Grant.GrantClass.PRODUCTION},
+    )
+    for team, owner, limit in [(platform, alice, "1000"), (data_science, carol, "500")]:
+        Grant.objects.update_or_create(
+            name=f"{team.name} monthly", scope=Grant.Scope.TEAM, team=team,
+            defaults={"owner": owner, "parent": org_grant, "limit_amount": Decimal(limit)},
+        )
+
+    # Secrets are shown once, so each load issues a fresh demo key and retires the last one.
+    for old in VirtualKey.objects.filter(name=DEMO_KEY_NAME).exclude(status=VirtualKey.Status.REVOKED):
+        key_revoke(key=old, actor=admin, reason="replaced by a new demo key")
+    issued = key_issue(name=DEMO_KEY_NAME, team=platform, person=bob, actor=admin, days=30,
+                       default_tags={"project": "demo", "environment": "dev"})
+    audit_record(actor=admin, action="demo.load", after={"provider": provider.kind, "provider_url": base_url})
+    return Demo(logins=LOGINS, key_secret=issued.secret)

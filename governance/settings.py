@@ -1,0 +1,261 @@
+"""Tollgate's one settings module. Every value comes from the environment (see README: Configuration);
+a bad value fails at start with ImproperlyConfigured naming the variable."""
+import base64
+import hashlib
+import sys
+from decimal import Decimal
+from pathlib import Path
+
+import environ
+from celery.schedules import crontab
+from django.core.exceptions import ImproperlyConfigured
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+VAR_DIR = Path(environ.Env().str("TOLLGATE_VAR_DIR", default=str(BASE_DIR / "var")))
+
+env = environ.Env()
+
+
+def _env(cast, name, **kwargs):
+    """Read one variable; a value that does not parse names the variable in the error."""
+    try:
+        return getattr(env, cast)(name, **kwargs)
+    except (ValueError, TypeError) as exc:
+        raise ImproperlyConfigured(f"{name}: cannot read {env.str(name)!r} as {cast} ({exc})") from exc
+
+
+DEBUG = _env("bool", "DEBUG", default=False)
+# Tests and DEBUG runs may start without secrets; a production process may not.
+TESTING = "pytest" in sys.modules
+_DEV = DEBUG or TESTING
+
+SECRET_KEY = env.str("SECRET_KEY", default="")
+if not SECRET_KEY:
+    if not _DEV:
+        raise ImproperlyConfigured("SECRET_KEY: must be set when DEBUG is off")
+    SECRET_KEY = "dev-only-insecure-secret-key-never-use-in-production-0123456789"
+
+ALLOWED_HOSTS = _env("list", "ALLOWED_HOSTS", default=["*"] if _DEV else ["localhost", "127.0.0.1"])
+CSRF_TRUSTED_ORIGINS = _env("list", "CSRF_TRUSTED_ORIGINS", default=[])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "django_filters",
+    "import_export",
+    "governance",
+    "gateway",
+    "keys",
+    "budgets",
+    "ledger",
+]
+
+MIDDLEWARE = [
+    "governance.middleware.RequestIdMiddleware",
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+]
+
+ROOT_URLCONF = "governance.urls"
+WSGI_APPLICATION = "governance.wsgi.application"
+AUTH_USER_MODEL = "governance.Person"
+LOGIN_URL = "/accounts/login/"
+LOGIN_REDIRECT_URL = "/"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+# --- Data stores -------------------------------------------------------------------------------
+DATABASES = {
+    "default": _env("db_url", "DATABASE_URL", default=f"sqlite:///{VAR_DIR / 'tollgate.sqlite3'}"),
+}
+DATABASES["default"].setdefault("CONN_MAX_AGE", _env("int", "DATABASE_CONN_MAX_AGE", default=60))
+DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
+DATABASE_POOL_MAX_SIZE = _env("int", "DATABASE_POOL_MAX_SIZE", default=0)
+if DATABASE_POOL_MAX_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # psycopg's pool per process: threads borrow a connection per request instead of holding one each.
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": DATABASE_POOL_MAX_SIZE, "timeout": 10}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # WAL lets the web, worker and beat processes read while one of them writes.
+    DATABASES["default"].setdefault("OPTIONS", {}).update(
+        {"transaction_mode": "IMMEDIATE", "timeout": 20, "init_command": "PRAGMA journal_mode=WAL;"}
+    )
+    DATABASES["default"]["CONN_MAX_AGE"] = 0
+    Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+REDIS_URL = env.str("REDIS_URL", default="")
+if REDIS_URL:
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
+else:
+    # Shared by every process through the database: never a per-process cache.
+    CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "tollgate_cache"}}
+
+# --- Celery ------------------------------------------------------------------------------------
+CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
+if CELERY_BROKER_URL.startswith("filesystem://"):
+    _broker_dir = VAR_DIR / "broker"
+    CELERY_BROKER_TRANSPORT_OPTIONS = {
+        "data_folder_in": str(_broker_dir / "queue"),
+        "data_folder_out": str(_broker_dir / "queue"),
+        "processed_folder": str(_broker_dir / "processed"),
+        "control_folder": str(_broker_dir / "control"),
+        "store_processed": False,
+    }
+    for _folder in ("queue", "processed", "control"):
+        (_broker_dir / _folder).mkdir(parents=True, exist_ok=True)
+CELERY_TASK_IGNORE_RESULT = True
+CELERY_TASK_ACKS_LATE = True
+CELERY_TASK_ALWAYS_EAGER = _env("bool", "CELERY_TASK_ALWAYS_EAGER", default=False)
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+CELERY_BEAT_SCHEDULE_FILENAME = str(VAR_DIR / "celerybeat-schedule")
+CELERY_TIMEZONE = "UTC"
+CELERY_BEAT_SCHEDULE = {
+    "purge-call-bodies": {"task": "ledger.tasks.purge_call_bodies", "schedule": 3600.0},
+    "expire-keys-and-grants": {"task": "keys.tasks.expire_keys_and_grants", "schedule": 3600.0},
+    "report-unused-keys": {"task": "keys.tasks.report_unused_keys", "schedule": 7 * 86400.0},
+    "verify-grant-counters": {"task": "budgets.tasks.verify_grant_counters", "schedule": 3600.0},
+    "forecast-grant-spend": {"task": "budgets.tasks.forecast_grant_spend", "schedule": 86400.0},
+    "rollup-ledger": {"task": "ledger.tasks.rollup_ledger", "schedule": 300.0},
+    "maintain-ledger-partitions": {"task": "ledger.tasks.maintain_ledger_partitions", "schedule": 86400.0},
+    "reconcile-last-month": {"task": "ledger.tasks.reconcile_last_month", "schedule": crontab(minute=0, hour=6, day_of_month=1)},
+}
+
+# --- Internationalisation ----------------------------------------------------------------------
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = env.str("TIME_ZONE", default="UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "/static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {
+        "BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"
+        if _DEV
+        else "whitenoise.storage.CompressedManifestStaticFilesStorage"
+    },
+}
+
+EMAIL_CONFIG = _env("email_url", "EMAIL_URL", default="consolemail://")
+vars().update(EMAIL_CONFIG)
+DEFAULT_FROM_EMAIL = env.str("DEFAULT_FROM_EMAIL", default="tollgate@localhost")
+
+# --- Security (check --deploy is clean when DEBUG is off) --------------------------------------
+_SECURE = not _DEV
+SECURE_SSL_REDIRECT = _env("bool", "SECURE_SSL_REDIRECT", default=_SECURE)
+SECURE_REDIRECT_EXEMPT = [r"^healthz$", r"^readyz$"]
+SECURE_HSTS_SECONDS = _env("int", "SECURE_HSTS_SECONDS", default=31536000 if _SECURE else 0)
+SECURE_HSTS_INCLUDE_SUBDOMAINS = _SECURE
+SECURE_HSTS_PRELOAD = _SECURE
+SESSION_COOKIE_SECURE = _env("bool", "SESSION_COOKIE_SECURE", default=_SECURE)
+CSRF_COOKIE_SECURE = _env("bool", "CSRF_COOKIE_SECURE", default=_SECURE)
+if _env("bool", "SECURE_PROXY_SSL_HEADER", default=False):
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+SILENCED_SYSTEM_CHECKS: list[str] = []
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+]
+
+if TESTING:
+    # Password hashing dominates test set-up time; tests never need a strong hash.
+    PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+}
+
+# --- Tollgate ----------------------------------------------------------------------------------
+TOLLGATE_CURRENCY = env.str("TOLLGATE_CURRENCY", default="USD")
+TOLLGATE_KEY_ENVIRONMENT = env.str("TOLLGATE_KEY_ENVIRONMENT", default="l")
+if TOLLGATE_KEY_ENVIRONMENT not in ("l", "t"):
+    raise ImproperlyConfigured("TOLLGATE_KEY_ENVIRONMENT: must be 'l' (live) or 't' (test)")
+
+
+# The relay
+TOLLGATE_MAX_BODY_BYTES = _env("int", "TOLLGATE_MAX_BODY_BYTES", default=8 * 1024 * 1024)
+DATA_UPLOAD_MAX_MEMORY_SIZE = max(TOLLGATE_MAX_BODY_BYTES + 1, 2_621_440)
+TOLLGATE_BODY_RETENTION_DAYS = _env("int", "TOLLGATE_BODY_RETENTION_DAYS", default=30)
+TOLLGATE_CATALOG_CACHE_SECONDS = _env("float", "TOLLGATE_CATALOG_CACHE_SECONDS", default=5.0)
+# Budgets
+TOLLGATE_HOLD_SECONDS = _env("int", "TOLLGATE_HOLD_SECONDS", default=900)
+# Reconciliation: a day x model line (and a month) drifts when both thresholds are passed.
+TOLLGATE_RECONCILE_DRIFT_ABS = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_ABS", default="1.00"))
+TOLLGATE_RECONCILE_DRIFT_PCT = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_PCT", default="2"))
+TOLLGATE_GRANT_AUTO_INCREASE = Decimal(_env("str", "TOLLGATE_GRANT_AUTO_INCREASE", default="100"))
+
+
+def _dev_encryption_key(secret: str) -> str:
+    return base64.urlsafe_b64encode(hashlib.sha256(("fernet:" + secret).encode()).digest()).decode()
+
+
+# Comma-separated Fernet keys; the first encrypts, all decrypt (see `manage.py rotate_encryption_keys`).
+TOLLGATE_ENCRYPTION_KEYS = _env("list", "TOLLGATE_ENCRYPTION_KEYS", default=[])
+if not TOLLGATE_ENCRYPTION_KEYS:
+    if not _DEV:
+        raise ImproperlyConfigured("TOLLGATE_ENCRYPTION_KEYS: must be set when DEBUG is off")
+    TOLLGATE_ENCRYPTION_KEYS = [_dev_encryption_key(SECRET_KEY)]
+
+# --- Logging: JSON lines with the request id; secrets are redacted by a filter ------------------
+LOG_LEVEL = env.str("LOG_LEVEL", default="INFO").upper()
+LOG_FORMAT = env.str("LOG_FORMAT", default="json")
+if LOG_FORMAT not in ("json", "text"):
+    raise ImproperlyConfigured("LOG_FORMAT: must be 'json' or 'text'")
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "filters": {
+        "request_id": {"()": "governance.logging.RequestIdFilter"},
+        "redact": {"()": "governance.logging.RedactSecretsFilter"},
+    },
+    "formatters": {
+        "json": {
+            "()": "pythonjsonlogger.json.JsonFormatter",
+            "format": "%(asctime)s %(levelname)s %(name)s %(message)s %(request_id)s",
+            "rename_fields": {"asctime": "time", "levelname": "level", "name": "logger"},
+        },
+        "text": {"format": "%(asctime)s %(levelname)s %(name)s [%(request_id)s] %(message)s"},
+    },
+    "handlers": {
+        "console": {
+            "class": "logging.StreamHandler",
+            "formatter": LOG_FORMAT,
+            "filters": ["request_id", "redact"],
+        }
+    },
+    "root": {"handlers": ["console"], "level": LOG_LEVEL},
+    "loggers": {
+        "django.db.backends": {"level": "INFO"},
+    },
+}

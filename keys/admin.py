@@ -1,0 +1,404 @@
+"""IT's console for keys: virtual keys (their state changes only through the lifecycle services, each with a
+reason), the access-request review queue, and the provisioning policy. Key hashes are never shown or loaded."""
+import json
+import re
+from collections.abc import Callable
+
+from django import forms
+from django.contrib import admin, messages
+from django.contrib.admin import helpers
+from django.core.exceptions import PermissionDenied
+from django.core.paginator import Paginator
+from django.db import connections
+from django.db.models import QuerySet
+from django.http import HttpRequest
+from django.template.response import TemplateResponse
+from django.urls import reverse
+from django.utils import timezone
+from django.utils.formats import date_format
+from django.utils.functional import cached_property
+from django.utils.html import format_html, format_html_join
+from django.utils.http import urlencode
+
+from governance.admin import AuditedModelAdmin, ReadOnlyAdminMixin
+from governance.models import AuditEvent, Person
+from keys import keyformat
+from keys.models import AccessRequest, ProvisioningPolicy, VirtualKey
+from keys.services import (
+    KeyStateError,
+    RequestRefused,
+    key_extend,
+    key_reactivate,
+    key_revoke,
+    key_suspend,
+    request_approve,
+    request_deny,
+)
+
+# --- Large tables ---------------------------------------------------------------------------------
+
+
+class EstimatedCountPaginator(Paginator):
+    """A paginator (for querysets) that never counts a whole large table. Up to `exact_up_to` rows the count is exact (a
+    COUNT over a LIMITed subquery, which stops early); past that, PostgreSQL's planner estimate is used
+    (pg_class.reltuples and column statistics, no scan). Page links keep working; with an estimate the
+    last pages may come out short or empty, which beats a multi-second COUNT(*) on every page view."""
+
+    exact_up_to = 10_000
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.estimated = False  # the pagination template says "about" when set
+
+    @cached_property
+    def count(self) -> int:
+        unordered = self.object_list.order_by()
+        exact = unordered[: self.exact_up_to + 1].count()
+        if exact <= self.exact_up_to:
+            return exact
+        self.estimated = True
+        return max(exact, _planner_rows(unordered))
+
+
+def _planner_rows(queryset: QuerySet) -> int:
+    """The planner's row estimate for a query (0 where the database has no cheap estimate)."""
+    connection = connections[queryset.db]
+    if connection.vendor != "postgresql":
+        return 0
+    sql, params = queryset.query.sql_with_params()
+    with connection.cursor() as cursor:
+        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
+        plan = cursor.fetchone()[0]
+    if isinstance(plan, str):
+        plan = json.loads(plan)
+    return int(plan[0]["Plan"]["Plan Rows"])
+
+
+class LargeTableAdmin(admin.ModelAdmin):
+    """Changelist settings for tables that grow to millions of rows."""
+
+    paginator = EstimatedCountPaginator
+    show_full_result_count = False
+    show_facets = admin.ShowFacets.NEVER  # facets are one COUNT per filter choice
+
+
+# --- Actions that ask why -------------------------------------------------------------------------
+
+ACTION_LIMIT = 1000  # each object is its own transaction with an audit append; more belongs in a script
+
+
+class ReasonForm(forms.Form):
+    reason = forms.CharField(max_length=300, widget=forms.Textarea(attrs={"rows": 3, "cols": 80}),
+                             help_text="Recorded in the audit trail with your name; the holder may see it.")
+
+    def __init__(self, *args, reason_required: bool = True, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.fields["reason"].required = reason_required
+
+
+def reason_action(*, name: str, description: str, done: str, apply: Callable, refusals: tuple[type[Exception], ...],
+                  reason_required: bool = True, permission: str = "change"):
+    """An admin action that asks for a reason before it acts.
+
+    The changelist's POST shows a page listing the selection with a reason form; that page posts back
+    (`action`, `_selected_action`, `select_across`, `apply`) and only then `apply(obj, actor=, reason=)`
+    runs once per object. The services are atomic per call, so an object a service refuses (`refusals`)
+    is reported and skipped without undoing the others."""
+
+    @admin.action(description=description, permissions=[permission])
+    def action(modeladmin: admin.ModelAdmin, request: HttpRequest, queryset: QuerySet):
+        opts = modeladmin.model._meta
+        objects = list(queryset[: ACTION_LIMIT + 1])
+        if len(objects) > ACTION_LIMIT:
+            modeladmin.message_user(request, f"{description}: select at most {ACTION_LIMIT} {opts.verbose_name_plural} "
+                                             "at a time (narrow the list with a filter).", messages.ERROR)
+            return None
+        form = ReasonForm(request.POST if "apply" in request.POST else None, reason_required=reason_required)
+        if not form.is_valid():  # also the first visit: an unbound form is never valid
+            request.current_app = modeladmin.admin_site.name
+            return TemplateResponse(request, "admin/keys/action_reason.html", {
+                **modeladmin.admin_site.each_context(request),
+                "title": f"{description}: why?",
+                "opts": opts,
+                "objects": objects,
+                "form": form,
+                "action_name": name,
+                "action_label": description,
+                "action_checkbox_name": helpers.ACTION_CHECKBOX_NAME,
+                "selected": request.POST.getlist(helpers.ACTION_CHECKBOX_NAME),
+                "select_across": request.POST.get("select_across", "0"),
+                "changelist_url": request.get_full_path(),
+            })
+        reason = form.cleaned_data["reason"]
+        changed, skipped = 0, []
+        for obj in objects:
+            try:
+                apply(obj, actor=request.user, reason=reason)
+            except refusals as exc:
+                skipped.append(f"{obj}: {exc}")
+            else:
+                changed += 1
+        if changed:
+            noun = opts.verbose_name if changed == 1 else opts.verbose_name_plural
+            modeladmin.message_user(request, f"{changed} {noun} {done}.", messages.SUCCESS)
+        if skipped:
+            shown = "; ".join(skipped[:10]) + (f"; and {len(skipped) - 10} more" if len(skipped) > 10 else "")
+            modeladmin.message_user(request, f"Skipped {len(skipped)}: {shown}", messages.WARNING)
+        return None
+
+    action.__name__ = name
+    return action
+
+
+# --- History --------------------------------------------------------------------------------------
+
+HISTORY_ROWS = 50
+
+
+def audit_history(obj) -> str:
+    """The object's audit events, newest first, with the reason each change was made (escaped)."""
+    if obj is None or obj.pk is None:
+        return "-"
+    object_type, object_id = obj._meta.label_lower, str(obj.pk)
+    events = list(
+        AuditEvent.objects.filter(object_type=object_type, object_id=object_id)
+        .only("created_at", "actor_label", "action", "after").order_by("-id")[:HISTORY_ROWS]
+    )
+    if not events:
+        return "No recorded changes."
+    rows = format_html_join("", "<tr><td>{}</td><td>{}</td><td>{}</td><td>{}</td></tr>", (
+        (date_format(timezone.localtime(e.created_at), "Y-m-d H:i:s"), e.actor_label, e.action,
+         e.after.get("reason", "") if isinstance(e.after, dict) else "")
+        for e in events
+    ))
+    trail = reverse("admin:governance_auditevent_changelist") + "?" + urlencode(
+        {"object_type": object_type, "object_id": object_id})
+    more = format_html('<p>Showing the latest {}. <a href="{}">Full trail</a></p>', HISTORY_ROWS, trail) \
+        if len(events) == HISTORY_ROWS else ""
+    return format_html(
+        '<table class="audit-history"><thead><tr><th>Time</th><th>Actor</th><th>Action</th><th>Reason</th></tr>'
+        "</thead><tbody>{}</tbody></table>{}", rows, more,
+    )
+
+
+# --- Virtual keys ---------------------------------------------------------------------------------
+
+
+class ExpiresWithinFilter(admin.SimpleListFilter):
+    title = "expires within"
+    parameter_name = "expires_within"
+
+    def lookups(self, request, model_admin):
+        return [("7", "7 days"), ("30", "30 days")]
+
+    def queryset(self, request, queryset):
+        if self.value() not in ("7", "30"):
+            return queryset
+        now = timezone.now()
+        return queryset.filter(status=VirtualKey.Status.ACTIVE, expires_at__gt=now,
+                               expires_at__lte=now + timezone.timedelta(days=int(self.value())))
+
+
+class UnusedFilter(admin.SimpleListFilter):
+    """The same rule as the weekly unused-key report (keys.tasks.report_unused_keys)."""
+
+    title = "usage"
+    parameter_name = "unused"
+
+    def lookups(self, request, model_admin):
+        return [("30", "Unused for 30 days")]
+
+    def queryset(self, request, queryset):
+        if self.value() != "30":
+            return queryset
+        cutoff = timezone.now() - timezone.timedelta(days=30)
+        return queryset.filter(status=VirtualKey.Status.ACTIVE, created_at__lt=cutoff).exclude(last_used_at__gte=cutoff)
+
+
+class ProvisionedByFilter(admin.SimpleListFilter):
+    title = "provisioned by"
+    parameter_name = "provisioned_by"
+
+    def lookups(self, request, model_admin):
+        return [("policy", "Policy"), ("approver", "An approver")]
+
+    def queryset(self, request, queryset):
+        if self.value() == "policy":
+            return queryset.filter(approved_by_policy=True)
+        if self.value() == "approver":
+            return queryset.filter(approved_by_policy=False)
+        return queryset
+
+
+class HolderFilter(admin.SimpleListFilter):
+    title = "holder"
+    parameter_name = "holder"
+
+    def lookups(self, request, model_admin):
+        return [("person", "Person key"), ("service", "Service key")]
+
+    def queryset(self, request, queryset):
+        if self.value() in ("person", "service"):
+            return queryset.filter(person__isnull=self.value() == "service")
+        return queryset
+
+
+KEY_PREFIX_SHAPE = re.compile(r"^tg_[lt]_[0-9A-Za-z]+$")
+KEY_REFUSALS = (KeyStateError,)
+
+
+@admin.register(VirtualKey)
+class VirtualKeyAdmin(LargeTableAdmin, AuditedModelAdmin):
+    list_display = ["prefix", "name", "person", "team", "key_class", "status", "expires_at", "last_used_at"]
+    list_filter = ["status", "team", "key_class", ExpiresWithinFilter, UnusedFilter, ProvisionedByFilter, HolderFilter]
+    list_select_related = ["person", "team"]
+    # Sorting by an unindexed column sorts the whole table: only indexed columns are offered.
+    sortable_by = ["prefix", "expires_at"]
+    search_fields = ["^prefix", "name", "person__email", "team__slug"]
+    search_help_text = "A key prefix (tg_l_…), a key name, a holder's email or a team slug."
+    raw_id_fields = ["person", "team", "created_by"]
+    # Status and expiry change only through the actions below (the lifecycle services), never by editing.
+    readonly_fields = ["prefix", "status", "expires_at", "approved_by_policy", "created_at", "last_used_at",
+                       "created_by", "history"]
+    exclude = ["key_hash"]
+    filter_horizontal = ["allowed_models"]
+    fieldsets = [
+        (None, {"fields": ["name", "prefix", "status", "key_class", "person", "team", "expires_at",
+                           "approved_by_policy", "created_by", "created_at", "last_used_at"]}),
+        ("Access", {"fields": ["allowed_models", "ip_allowlist", "body_logging", "default_tags", "monthly_budget"]}),
+        ("Rate limits", {"fields": ["rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit"]}),
+        ("History", {"fields": ["history"]}),
+    ]
+    actions = [
+        reason_action(name="revoke", description="Revoke selected keys", done="revoked", refusals=KEY_REFUSALS,
+                      apply=lambda key, actor, reason: key_revoke(key=key, actor=actor, reason=reason)),
+        reason_action(name="suspend", description="Suspend selected keys", done="suspended", refusals=KEY_REFUSALS,
+                      apply=lambda key, actor, reason: key_suspend(key=key, actor=actor, reason=reason)),
+        reason_action(name="reactivate", description="Reactivate selected keys", done="reactivated", refusals=KEY_REFUSALS,
+                      apply=lambda key, actor, reason: key_reactivate(key=key, actor=actor, reason=reason)),
+        reason_action(name="extend_30_days", description="Extend selected keys by 30 days", done="extended by 30 days",
+                      refusals=KEY_REFUSALS,
+                      apply=lambda key, actor, reason: key_extend(key=key, actor=actor, days=30, reason=reason)),
+    ]
+
+    def get_queryset(self, request):
+        # The hashes and the encrypted signing secret never leave the database through the admin.
+        return super().get_queryset(request).defer(*VirtualKey.AUDIT_EXCLUDE)
+
+    def get_search_results(self, request, queryset, search_term):
+        term = search_term.strip()
+        # The admin's own search ORs four case-insensitive lookups across joins: a scan of the whole table.
+        # The two terms IT types most are answered by indexes instead.
+        if KEY_PREFIX_SHAPE.match(term):
+            # A pasted key prefix. Base62 is case-sensitive, and a case-sensitive prefix match uses the prefix index.
+            return queryset.filter(prefix__startswith=term[: keyformat.VISIBLE_PREFIX_LEN]), False
+        if "@" in term and not any(c.isspace() for c in term):
+            # A holder's email: match people first (a far smaller table), then their keys by the person index.
+            return queryset.filter(person__in=Person.objects.filter(email__icontains=term).values("pk")), False
+        return super().get_search_results(request, queryset, search_term)
+
+    @admin.display(description="History")
+    def history(self, obj):
+        return audit_history(obj)
+
+    def has_add_permission(self, request):
+        # Keys are issued by the key service (request form, `manage.py issue_key`), which shows the secret once.
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # Keys are revoked, never deleted: the ledger and the audit trail refer to them.
+        return False
+
+
+# --- Access requests: the review queue ------------------------------------------------------------
+
+
+class RequestStatusFilter(admin.SimpleListFilter):
+    """Opens on the pending queue; "All" shows every request."""
+
+    title = "status"
+    parameter_name = "status"
+    default = AccessRequest.Status.PENDING
+
+    def lookups(self, request, model_admin):
+        return [*AccessRequest.Status.choices, ("all", "All")]
+
+    def value(self):
+        return super().value() or self.default
+
+    def choices(self, changelist):
+        # No "All" entry of the base class: its link (no parameter) would land on the default again.
+        for lookup, title in self.lookup_choices:
+            yield {
+                "selected": self.value() == lookup,
+                "query_string": changelist.get_query_string({self.parameter_name: lookup}),
+                "display": title,
+            }
+
+    def queryset(self, request, queryset):
+        if self.value() == "all":
+            return queryset
+        return queryset.filter(status=self.value())
+
+
+@admin.register(AccessRequest)
+class AccessRequestAdmin(ReadOnlyAdminMixin, LargeTableAdmin):
+    """Requests are decided with the approve and deny actions (the request services), never edited."""
+
+    list_display = ["created_at", "requester", "team", "kind", "model_names", "key_class", "duration_days",
+                    "monthly_budget", "status", "reasons_for_review"]
+    list_filter = [RequestStatusFilter, "kind", "team", "decided_by_policy"]
+    list_select_related = ["requester", "team"]
+    search_fields = ["requester__username", "requester__email", "team__slug", "project"]
+    actions = [
+        reason_action(name="approve", description="Approve selected requests", done="approved",
+                      refusals=(RequestRefused, PermissionDenied), reason_required=False, permission="decide",
+                      apply=lambda req, actor, reason: request_approve(access_request=req, actor=actor, reason=reason)),
+        reason_action(name="deny", description="Deny selected requests", done="denied",
+                      refusals=(RequestRefused, PermissionDenied), permission="decide",
+                      apply=lambda req, actor, reason: request_deny(access_request=req, actor=actor, reason=reason)),
+    ]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).prefetch_related("aliases")
+
+    @admin.display(description="models")
+    def model_names(self, obj):
+        return ", ".join(a.name for a in obj.aliases.all())
+
+    @admin.display(description="review reasons")
+    def reasons_for_review(self, obj):
+        return "; ".join(obj.review_reasons or [])
+
+    @admin.display(description="History")
+    def history(self, obj):
+        return audit_history(obj)
+
+    def get_readonly_fields(self, request, obj=None):
+        return [*super().get_readonly_fields(request, obj), "history"]
+
+    def has_decide_permission(self, request):
+        # The form is read-only for everyone (ReadOnlyAdminMixin); deciding needs the change permission.
+        return request.user.has_perm("keys.change_accessrequest")
+
+
+# --- Provisioning policy --------------------------------------------------------------------------
+
+
+@admin.register(ProvisioningPolicy)
+class ProvisioningPolicyAdmin(AuditedModelAdmin):
+    """One row, edited in place; every save is audited."""
+
+    list_display = ["__str__", "auto_approve_max_days", "auto_approve_max_budget", "auto_approve_premium_models",
+                    "auto_approve_production", "max_active_keys_per_person", "rotation_grace_hours"]
+
+    def has_add_permission(self, request):
+        return super().has_add_permission(request) and not ProvisioningPolicy.objects.exists()
+
+    def has_delete_permission(self, request, obj=None):
+        return False
+
+    def save_model(self, request, obj, form, change):
+        if not change:
+            obj.pk = 1  # the row ProvisioningPolicy.current() reads
+        super().save_model(request, obj, form, change)

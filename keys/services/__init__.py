@@ -1,0 +1,30 @@
+"""Every write to keys and access requests goes through these functions (admin, pages, CLI, tasks alike)."""
+from keys.services.lifecycle import (
+    IssuedKey,
+    KeyStateError,
+    SweepResult,
+    key_extend,
+    key_issue,
+    key_reactivate,
+    key_revoke,
+    key_rotate,
+    key_suspend,
+    keys_expire_sweep,
+)
+from keys.services.requests import (
+    RequestRefused,
+    Submitted,
+    approvers_of,
+    can_approve,
+    request_approve,
+    request_change,
+    request_collect,
+    request_deny,
+    request_submit,
+)
+
+__all__ = [
+    "IssuedKey", "KeyStateError", "RequestRefused", "Submitted", "SweepResult", "approvers_of", "can_approve",
+    "key_extend", "key_issue", "key_reactivate", "key_revoke", "key_rotate", "key_suspend", "keys_expire_sweep",
+    "request_approve", "request_change", "request_collect", "request_deny", "request_submit",
+]

@@ -1,0 +1,232 @@
+"""The ledger: one entry per relay call, refused and failed calls included. Rows are small: catalog data
+(names, prices) are referenced, not copied."""
+from decimal import Decimal
+
+from django.conf import settings
+from django.db import models
+
+
+class LedgerEntryQuerySet(models.QuerySet):
+    def update(self, **kwargs):
+        raise PermissionError("ledger entries are immutable: record an adjustment instead")
+
+    def delete(self):
+        raise PermissionError("ledger entries are immutable: record an adjustment instead")
+
+
+class LedgerEntry(models.Model):
+    class Outcome(models.TextChoices):
+        OK = "ok", "Served"
+        REFUSED = "refused", "Refused by policy"
+        UPSTREAM_ERROR = "upstream_error", "Upstream error"
+        CLIENT_ABORT = "client_abort", "Client disconnected"
+        ADJUSTMENT = "adjustment", "Adjustment by finance"
+
+    # Indexes cost bytes on every row of the largest table: only what lookups need. Foreign keys that the
+    # composite indexes below already lead with, or that reports reach through the rollups, carry none.
+    request_id = models.CharField(max_length=64)
+    # No index of its own: months are partitions (pruned by created_at), lookups by key or team use the
+    # composite indexes, and lists order by id, which follows time.
+    created_at = models.DateTimeField()
+    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                               db_index=False)
+    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+    grant = models.ForeignKey("budgets.Grant", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                              db_index=False, help_text="The most specific grant the call was charged to.")
+    # Every grant charged, as ",3,7,12,": the counters are rebuilt and checked from this (LIKE works everywhere).
+    grant_path = models.CharField(max_length=200, blank=True, default="")
+    cost_center = models.ForeignKey("governance.CostCenter", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                    db_index=False)
+    tags = models.JSONField(default=dict, blank=True)
+    model_requested = models.CharField(max_length=120, blank=True)
+    alias = models.ForeignKey("gateway.ModelAlias", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+    provider_model = models.ForeignKey("gateway.ProviderModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                                       db_index=False)
+    input_tokens = models.PositiveIntegerField(default=0)
+    output_tokens = models.PositiveIntegerField(default=0)
+    cached_tokens = models.PositiveIntegerField(default=0)
+    cost = models.DecimalField(max_digits=14, decimal_places=8, default=Decimal("0"))
+    latency_ms = models.PositiveIntegerField(default=0)
+    upstream_latency_ms = models.PositiveIntegerField(null=True, blank=True)
+    outcome = models.CharField(max_length=16, choices=Outcome.choices)
+    http_status = models.PositiveSmallIntegerField()
+    error_code = models.CharField(max_length=40, blank=True)
+    detail = models.CharField(max_length=200, blank=True, help_text="Why a call was refused or failed.")
+    client_ip = models.GenericIPAddressField(null=True, blank=True)
+    streamed = models.BooleanField(default=False)
+    # No database constraint: on PostgreSQL the table is partitioned by month, and a partitioned table's
+    # id alone cannot be the target of a foreign key (its primary key is (id, created_at)).
+    corrects = models.ForeignKey("self", null=True, blank=True, on_delete=models.PROTECT, related_name="adjustments",
+                                 db_constraint=False, db_index=False,
+                                 help_text="For an adjustment: the entry it corrects.")
+
+    objects = LedgerEntryQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-id"]
+        verbose_name_plural = "ledger entries"
+        indexes = [
+            # Exact lookups only: a hash index on PostgreSQL (migration 0011), half the size of a b-tree here.
+            models.Index(fields=["request_id"], name="ledger_request_idx"),
+            models.Index(fields=["key", "created_at"], name="ledger_key_time_idx"),
+            models.Index(fields=["team", "created_at"], name="ledger_team_time_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.request_id} {self.outcome} {self.cost}"
+
+    def save(self, *args, **kwargs):
+        if not self._state.adding:
+            raise PermissionError("ledger entries are immutable: record an adjustment instead")
+        super().save(*args, **kwargs)
+
+    def delete(self, *args, **kwargs):
+        raise PermissionError("ledger entries are immutable: record an adjustment instead")
+
+
+class CallBody(models.Model):
+    """Prompt and response of one call, kept only when the key's or team's policy says so, and deleted
+    after TOLLGATE_BODY_RETENTION_DAYS by a beat task. Separate from LedgerEntry to keep ledger rows small."""
+
+    entry = models.OneToOneField(LedgerEntry, on_delete=models.CASCADE, primary_key=True, related_name="body",
+                                 db_constraint=False)  # see LedgerEntry.corrects
+    created_at = models.DateTimeField(db_index=True)
+    mode = models.CharField(max_length=8)
+    request = models.TextField()
+    response = models.TextField(blank=True)
+
+    def __str__(self) -> str:
+        return f"body of {self.entry_id}"
+
+
+class DailyRollup(models.Model):
+    """Spend per day x team x person x key x model x cost center x tag set, kept current by a beat task
+    (ledger.services.ledger_rollup). Every report reads these, never the raw ledger."""
+
+    day = models.DateField()
+    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    cost_center = models.ForeignKey("governance.CostCenter", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    provider_model = models.ForeignKey("gateway.ProviderModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    project = models.CharField(max_length=64, blank=True)
+    feature = models.CharField(max_length=64, blank=True)
+    environment = models.CharField(max_length=64, blank=True)
+    experiment = models.CharField(max_length=64, blank=True)
+    calls = models.PositiveIntegerField(default=0)
+    refused = models.PositiveIntegerField(default=0)
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    cost = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"))
+
+    class Meta:
+        indexes = [models.Index(fields=["day"], name="rollup_day_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.team_id} {self.cost}"
+
+
+class RollupState(models.Model):
+    """How far the rollups have read the ledger (one row)."""
+
+    last_entry_id = models.BigIntegerField(default=0)
+    updated_at = models.DateTimeField(auto_now=True)
+
+
+class ProviderCostImport(models.Model):
+    """One uploaded (or fetched) provider cost file. The same file imported again changes nothing."""
+
+    class Source(models.TextChoices):
+        OPENAI_COSTS = "openai_costs", "OpenAI costs API (JSON)"
+        ANTHROPIC_COSTS = "anthropic_costs", "Anthropic cost report (JSON)"
+        CSV = "csv", "CSV (date, provider, model, project, tokens, amount)"
+
+    provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
+    source = models.CharField(max_length=20, choices=Source.choices)
+    file_name = models.CharField(max_length=200)
+    sha256 = models.CharField(max_length=64)
+    lines = models.PositiveIntegerField(default=0)
+    uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        constraints = [models.UniqueConstraint(fields=["provider", "sha256"], name="cost_import_once")]
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.file_name} ({self.lines} lines)"
+
+
+class ProviderCostLine(models.Model):
+    """What a provider billed for one day, model and project (workspace)."""
+
+    source_import = models.ForeignKey(ProviderCostImport, on_delete=models.CASCADE, related_name="cost_lines")
+    provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
+    day = models.DateField()
+    model = models.CharField(max_length=120, blank=True)
+    project = models.CharField(max_length=120, blank=True)
+    description = models.CharField(max_length=200, blank=True)
+    tokens = models.BigIntegerField(default=0)
+    amount = models.DecimalField(max_digits=18, decimal_places=8)
+    line_key = models.CharField(max_length=64, unique=True, help_text="Identifies the line across re-imports.")
+
+    class Meta:
+        indexes = [models.Index(fields=["provider", "day"], name="cost_line_provider_day_idx")]
+
+    def __str__(self) -> str:
+        return f"{self.day} {self.model} {self.amount}"
+
+
+class Reconciliation(models.Model):
+    class Status(models.TextChoices):
+        OK = "ok", "Within thresholds"
+        DRIFT = "drift", "Drift over threshold"
+
+    provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
+    month = models.DateField(help_text="First day of the month reconciled.")
+    billed = models.DecimalField(max_digits=18, decimal_places=8)
+    ledger = models.DecimalField(max_digits=18, decimal_places=8)
+    status = models.CharField(max_length=8, choices=Status.choices)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    trued_up_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    trued_up_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+
+    def __str__(self) -> str:
+        return f"{self.provider} {self.month:%Y-%m}: billed {self.billed}, ledger {self.ledger}"
+
+    @property
+    def drift(self) -> Decimal:
+        return self.billed - self.ledger
+
+
+class ReconciliationLine(models.Model):
+    class Flag(models.TextChoices):
+        OK = "ok", "Matches"
+        DRIFT = "drift", "Drift"
+        BYPASS = "bypass", "Billed with no ledger traffic: possible bypass of the gateway"
+        UNBILLED = "unbilled", "Ledger traffic the provider did not bill"
+
+    reconciliation = models.ForeignKey(Reconciliation, on_delete=models.CASCADE, related_name="lines")
+    day = models.DateField()
+    model = models.CharField(max_length=120)
+    billed = models.DecimalField(max_digits=18, decimal_places=8)
+    ledger = models.DecimalField(max_digits=18, decimal_places=8)
+    flag = models.CharField(max_length=8, choices=Flag.choices)
+    explanation = models.CharField(max_length=300, blank=True)
+
+    class Meta:
+        ordering = ["day", "model"]
+
+    @property
+    def drift(self) -> Decimal:
+        return self.billed - self.ledger
+
+    @property
+    def drift_percent(self) -> Decimal | None:
+        return (self.drift / self.ledger * 100).quantize(Decimal("0.1")) if self.ledger else None

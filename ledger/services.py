@@ -1,0 +1,162 @@
+"""Writes to the ledger. One entry per relay call, refusals included; bodies only when policy says so."""
+import uuid
+from dataclasses import dataclass, field, fields
+from decimal import Decimal
+
+from django.core.exceptions import PermissionDenied, ValidationError
+from django.db import transaction
+from django.db.models import CharField, Count, Max, Q, Sum, Value
+from django.db.models.fields.json import KeyTextTransform
+from django.db.models.functions import Coalesce, TruncDate
+from django.utils import timezone
+
+from governance.audit import audit_record
+
+from governance.models import BodyLogging
+from ledger.models import CallBody, DailyRollup, LedgerEntry, RollupState
+from ledger.redaction import redact_text
+
+
+@dataclass
+class CallRecord:
+    """Everything the relay learned about one call, filled in as the call proceeds."""
+
+    request_id: str
+    client_ip: str | None
+    started: float
+    created_at: object = field(default_factory=timezone.now)
+    key: object = None
+    person: object = None
+    team: object = None
+    cost_center: object = None
+    grant: object = None
+    grant_path: str = ""
+    tags: dict = field(default_factory=dict)
+    model_requested: str = ""
+    alias: object = None
+    provider_model: object = None
+    input_tokens: int = 0
+    output_tokens: int = 0
+    cached_tokens: int = 0
+    cost: Decimal = Decimal(0)
+    latency_ms: int = 0
+    upstream_latency_ms: int | None = None
+    outcome: str = LedgerEntry.Outcome.OK
+    http_status: int = 200
+    error_code: str = ""
+    detail: str = ""
+    streamed: bool = False
+    body_mode: str = BodyLogging.OFF
+    request_text: str = ""
+    response_text: str = ""
+
+
+_ENTRY_FIELDS = sorted({f.name for f in LedgerEntry._meta.concrete_fields} & {f.name for f in fields(CallRecord)})
+
+
+def ledger_record(record: CallRecord) -> LedgerEntry:
+    record.model_requested, record.detail = record.model_requested[:120], record.detail[:200]
+    entry = LedgerEntry(**{name: getattr(record, name) for name in _ENTRY_FIELDS})
+    if record.body_mode == BodyLogging.OFF or not record.request_text:
+        entry.save(force_insert=True)
+        return entry
+    clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
+    with transaction.atomic():
+        entry.save(force_insert=True)
+        CallBody.objects.create(
+            entry=entry, created_at=record.created_at, mode=record.body_mode,
+            request=clean(record.request_text), response=clean(record.response_text),
+        )
+    return entry
+
+
+def call_bodies_purge(*, older_than_days: int, batch_size: int = 5000) -> int:
+    """Delete stored bodies past retention, in batches so the table is never locked for long."""
+    cutoff = timezone.now() - timezone.timedelta(days=older_than_days)
+    deleted = 0
+    while True:
+        ids = list(CallBody.objects.filter(created_at__lt=cutoff).values_list("pk", flat=True)[:batch_size])
+        if not ids:
+            return deleted
+        deleted += CallBody.objects.filter(pk__in=ids).delete()[0]
+
+
+@transaction.atomic
+def ledger_adjust(*, entry: LedgerEntry, amount: Decimal, reason: str, actor) -> LedgerEntry:
+    """A correction: a new entry that references the one it corrects, with the same attribution, so
+    chargeback moves the money where the original was charged. Finance only; audited."""
+    if not actor.has_perm("ledger.add_ledgerentry"):
+        raise PermissionDenied("Only finance may adjust the ledger.")
+    if not reason.strip():
+        raise ValidationError({"reason": "Say why the entry is adjusted."})
+    if amount == 0:
+        raise ValidationError({"amount": "An adjustment of zero changes nothing."})
+    adjustment = LedgerEntry(
+        request_id=f"adj-{uuid.uuid4().hex[:24]}", created_at=timezone.now(), key=entry.key, person=entry.person,
+        team=entry.team, grant=entry.grant, grant_path=entry.grant_path, cost_center=entry.cost_center, tags=entry.tags,
+        model_requested=entry.model_requested, alias=entry.alias, provider_model=entry.provider_model, cost=amount,
+        outcome=LedgerEntry.Outcome.ADJUSTMENT, http_status=0, detail=reason.strip()[:200], corrects=entry,
+    )
+    adjustment.save(force_insert=True)
+    audit_record(actor=actor, action="ledger.adjust", obj=adjustment,
+                 after={"corrects": entry.request_id, "amount": amount, "reason": reason.strip()})
+    return adjustment
+
+
+ROLLUP_DIMENSIONS = ("team_id", "person_id", "key_id", "cost_center_id", "provider_model_id",
+                     "project", "feature", "environment", "experiment")
+TAG_DIMENSIONS = ("project", "feature", "environment", "experiment")
+
+
+@transaction.atomic
+def ledger_rollup(*, batch_size: int = 500_000) -> int:
+    """Fold ledger entries written since the last run into the daily rollups; returns how many were read.
+    The database aggregates (GROUP BY day and every dimension), so only the groups cross the wire. Runs
+    under a row lock, so two runs at once are serial, and the high-water mark moves with the sums in the
+    same transaction, so a second run never adds anything twice."""
+    state, _ = RollupState.objects.select_for_update().get_or_create(pk=1)
+    newest = LedgerEntry.objects.filter(pk__gt=state.last_entry_id).aggregate(m=Max("pk"))["m"]
+    if newest is None:
+        return 0
+    upto = min(newest, state.last_entry_id + batch_size)
+    entries = LedgerEntry.objects.filter(pk__gt=state.last_entry_id, pk__lte=upto)
+    groups = (
+        entries.annotate(day=TruncDate("created_at", tzinfo=timezone.get_current_timezone()),
+                         **{tag: Coalesce(KeyTextTransform(tag, "tags"), Value(""), output_field=CharField())
+                            for tag in TAG_DIMENSIONS})
+        .values("day", *ROLLUP_DIMENSIONS)
+        .annotate(
+            calls=Count("pk", filter=~Q(outcome=LedgerEntry.Outcome.ADJUSTMENT)),
+            refused=Count("pk", filter=Q(outcome=LedgerEntry.Outcome.REFUSED)),
+            input_tokens_sum=Sum("input_tokens"), output_tokens_sum=Sum("output_tokens"),
+            cached_tokens_sum=Sum("cached_tokens"), cost_sum=Sum("cost"), entries=Count("pk"),
+        )
+        .order_by()
+    )
+    read = 0
+    sums = {}
+    for group in groups:
+        read += group["entries"]
+        sums[(group["day"], *(group[d] for d in ROLLUP_DIMENSIONS))] = {
+            "calls": group["calls"], "refused": group["refused"], "input_tokens": group["input_tokens_sum"],
+            "output_tokens": group["output_tokens_sum"], "cached_tokens": group["cached_tokens_sum"], "cost": group["cost_sum"],
+        }
+    existing = {
+        (row.day, *(getattr(row, d) for d in ROLLUP_DIMENSIONS)): row
+        for row in DailyRollup.objects.select_for_update().filter(day__in={key[0] for key in sums})
+    }
+    new_rows = []
+    for key, bucket in sums.items():
+        row = existing.get(key)
+        if row is None:
+            new_rows.append(DailyRollup(day=key[0], **dict(zip(ROLLUP_DIMENSIONS, key[1:])), **bucket))
+            continue
+        for measure, value in bucket.items():
+            setattr(row, measure, getattr(row, measure) + value)
+        row.save(update_fields=list(bucket))
+    DailyRollup.objects.bulk_create(new_rows, batch_size=5000)
+    state.last_entry_id = upto
+    state.save(update_fields=["last_entry_id", "updated_at"])
+    if read == 0 and upto < newest:  # a gap in the ids: move on to where the entries are
+        return ledger_rollup(batch_size=batch_size)
+    return read

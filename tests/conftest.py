@@ -1,0 +1,70 @@
+"""Shared fixtures. Tests run on the database and Redis that `tollgate test` chose (real servers)."""
+import os
+
+import pytest
+from django.conf import settings
+
+pytest_plugins = ["tests.support.relay_fixtures"]
+
+
+def _on_postgres() -> bool:
+    return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_pg = pytest.mark.skip(reason="needs PostgreSQL (this run is on SQLite)")
+    skip_redis = pytest.mark.skip(reason="needs Redis (no REDIS_URL in this run)")
+    for item in items:
+        if item.get_closest_marker("postgres") and not _on_postgres():
+            item.add_marker(skip_pg)
+        if item.get_closest_marker("redis") and not os.environ.get("REDIS_URL"):
+            item.add_marker(skip_redis)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _celery_runs_tasks_inline():
+    """Tasks queued on commit run at once in tests, so their effects (emails) are visible."""
+    from governance.celery import app
+
+    app.conf.task_always_eager = True
+    app.conf.task_eager_propagates = True
+    yield
+
+
+@pytest.fixture
+def person(db):
+    from tests.governance.factories import PersonFactory
+
+    return PersonFactory()
+
+
+@pytest.fixture
+def on_postgres() -> bool:
+    return _on_postgres()
+
+
+@pytest.fixture(autouse=True)
+def _sqlite_audit_guard(request):
+    """SQLite empties tables with DELETE between transactional tests, which the audit table's append-only
+    trigger refuses (PostgreSQL uses TRUNCATE). Keep the triggers on during every test; lift them only for
+    pytest-django's flush after a transactional one."""
+    marker = request.node.get_closest_marker("django_db")
+    uses_db = marker is not None or {"db", "transactional_db", "live_server"} & set(request.fixturenames)
+    if not uses_db or _on_postgres():
+        yield
+        return
+    from importlib import import_module
+
+    from django.db import connection
+
+    transactional = (marker is not None and marker.kwargs.get("transaction")) or {"transactional_db", "live_server"} & set(request.fixturenames)
+    request.getfixturevalue("transactional_db" if transactional else "db")  # set up first, so torn down after us
+    migration = import_module("governance.migrations.0002_audit_append_only")
+    with connection.cursor() as cursor:
+        for statement in migration.SQLITE_FORWARD:
+            cursor.execute(statement)
+    yield
+    if transactional:
+        with connection.cursor() as cursor:
+            for statement in migration.SQLITE_REVERSE:
+                cursor.execute(statement)

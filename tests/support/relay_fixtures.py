@@ -1,0 +1,146 @@
+"""Relay fixtures: a real stub provider on loopback, a catalog pointing at it, keys, and the relay itself
+served by pytest-django's live server (a real HTTP server in a thread of this process)."""
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from decimal import Decimal
+from pathlib import Path
+
+import anthropic
+import openai
+import pytest
+import requests
+from django.conf import settings
+
+from budgets import enforcement
+from gateway import catalog
+from gateway.models import ModelAlias, Provider
+from governance.redis import get_redis
+from tests.gateway.factories import (
+    DeploymentFactory,
+    ModelAliasFactory,
+    ModelPriceFactory,
+    ProviderFactory,
+    ProviderModelFactory,
+)
+from tests.keys.factories import VirtualKeyFactory
+from tests.support.stub_provider import StubProvider
+
+PROVIDER_SECRET = "sk-upstream-provider-secret-123456"
+
+
+@pytest.fixture(scope="session")
+def stub():
+    with StubProvider() as server:
+        yield server
+
+
+@pytest.fixture
+def fresh_state(stub):
+    """Counters in Redis and the per-process catalog cache must not leak between tests."""
+    catalog.invalidate()
+    enforcement.invalidate_index()
+    client = get_redis()
+    if client is not None:
+        client.flushdb()
+    stub.reset()
+    yield
+    catalog.invalidate()
+    enforcement.invalidate_index()
+
+
+@dataclass
+class Relay:
+    url: str
+    openai_provider: Provider
+    anthropic_provider: Provider
+    clients: list = field(default_factory=list)
+
+    def openai(self, secret: str) -> openai.OpenAI:
+        """The official OpenAI SDK pointed at the relay; closed after the test so no server thread lingers."""
+        client = openai.OpenAI(base_url=self.v1, api_key=secret, max_retries=0)
+        self.clients.append(client)
+        return client
+
+    def anthropic(self, secret: str) -> anthropic.Anthropic:
+        client = anthropic.Anthropic(base_url=self.url, api_key=secret, max_retries=0)
+        self.clients.append(client)
+        return client
+
+    @property
+    def v1(self) -> str:
+        return self.url + "/v1"
+
+    def alias(self, name: str, *deployments: tuple[Provider, str], kind=ModelAlias.Kind.CHAT, max_output_tokens=4096,
+              price=("1.00", "2.00", "0.50")) -> ModelAlias:
+        """An alias routed, in order, to (provider, provider model name) deployments."""
+        alias = ModelAliasFactory(name=name, kind=kind)
+        for priority, (provider, model_name) in enumerate(deployments):
+            model = ProviderModelFactory(provider=provider, name=model_name, max_output_tokens=max_output_tokens)
+            ModelPriceFactory(provider_model=model, input_per_mtok=Decimal(price[0]), output_per_mtok=Decimal(price[1]),
+                              cached_input_per_mtok=Decimal(price[2]))
+            DeploymentFactory(alias=alias, provider_model=model, priority=priority)
+        catalog.invalidate()
+        return alias
+
+
+@pytest.fixture
+def relay(live_server, stub, fresh_state) -> Relay:
+    openai_provider = ProviderFactory(name="Stub OpenAI", kind=Provider.Kind.OPENAI, base_url=stub.openai_base_url,
+                                      api_key=PROVIDER_SECRET, read_timeout=2.0)
+    anthropic_provider = ProviderFactory(name="Stub Anthropic", kind=Provider.Kind.ANTHROPIC, base_url=stub.anthropic_base_url,
+                                         api_key=PROVIDER_SECRET, read_timeout=2.0)
+    relay = Relay(live_server.url, openai_provider, anthropic_provider)
+    yield relay
+    for client in relay.clients:
+        client.close()
+
+
+@pytest.fixture
+def key(transactional_db):
+    return VirtualKeyFactory()
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.fixture
+def gunicorn(relay):
+    """The relay as it runs in production: gunicorn with three worker processes, on the test database
+    (PostgreSQL only: the test must commit its data, so use it with transactional tests)."""
+    db = settings.DATABASES["default"]
+    user = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
+    socket_dir = db.get("OPTIONS", {}).get("host")  # pgserver's unix socket
+    url = (f"postgres://{user}@/{db['NAME']}?host={socket_dir}" if socket_dir
+           else f"postgres://{user}@{db['HOST']}:{db['PORT'] or 5432}/{db['NAME']}")
+    port = _free_port()
+    env = {**os.environ, "DATABASE_URL": url, "DEBUG": "false", "SECRET_KEY": settings.SECRET_KEY,
+           "TOLLGATE_ENCRYPTION_KEYS": ",".join(settings.TOLLGATE_ENCRYPTION_KEYS), "SECURE_SSL_REDIRECT": "false",
+           "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "gunicorn", "governance.wsgi:application", "--bind", f"127.0.0.1:{port}",
+         "--workers", "3", "--worker-class", "gthread", "--threads", "4"],
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(f"{base}/healthz", timeout=2).ok:
+                break
+        except requests.RequestException:  # not listening yet, or too busy starting to answer
+            time.sleep(0.2)
+    else:
+        process.kill()
+        pytest.fail("gunicorn did not start: " + process.stderr.read().decode()[-2000:])
+    yield base
+    os.killpg(process.pid, signal.SIGTERM)
+    process.wait(timeout=15)
+
+

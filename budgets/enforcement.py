@@ -21,12 +21,12 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 
 from django.conf import settings
-from django.core.cache import cache
 from django.db.models import Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from budgets.models import VERSION_KEY, Grant
+from budgets.models import Grant
+from governance import stamps
 from governance.redis import get_redis
 
 log = logging.getLogger(__name__)
@@ -170,10 +170,12 @@ _SPECIFICITY = [Grant.Scope.KEY, Grant.Scope.PERSON, Grant.Scope.PROJECT, Grant.
 @dataclass
 class _GrantIndex:
     """Every grant, in this process's memory, with parents linked and model allowlists, so a call resolves
-    its grants without a query. Reloaded whenever the shared version (bumped after each grant write
-    commits) differs from the one it was built at: one cache read per call instead of a many-join query."""
+    its grants without a query. Reloaded whenever the grants stamp (governance.stamps, bumped after each
+    grant write commits) differs from the one it was built at, and after TOLLGATE_MEMORY_CACHE_SECONDS in
+    any case (in case a bump could not be published)."""
 
     version: object = None
+    built_at: float = 0.0
     grants: list[Grant] = field(default_factory=list)
     allowlists: dict[int, set[int]] = field(default_factory=dict)
 
@@ -189,14 +191,15 @@ def invalidate_index() -> None:
 
 def _grant_index() -> _GrantIndex:
     global _index
-    try:
-        version = cache.get(VERSION_KEY, "initial")
-    except Exception:
-        version = uuid.uuid4().hex  # no shared version to trust: read the grants afresh
-    if _index.version == version:
+    version = stamps.current(stamps.GRANTS)
+
+    def fresh() -> bool:
+        return _index.version == version and time.monotonic() - _index.built_at < settings.TOLLGATE_MEMORY_CACHE_SECONDS
+
+    if fresh():
         return _index
     with _index_lock:
-        if _index.version != version:
+        if not fresh():
             grants = {g.pk: g for g in Grant.objects.select_related("owner", "downgrade_to")}
             for grant in grants.values():
                 if grant.parent_id in grants:
@@ -204,7 +207,7 @@ def _grant_index() -> _GrantIndex:
             allowlists: dict[int, set[int]] = {}
             for grant_id, alias_id in Grant.allowed_models.through.objects.values_list("grant_id", "modelalias_id"):
                 allowlists.setdefault(grant_id, set()).add(alias_id)
-            _index = _GrantIndex(version, list(grants.values()), allowlists)
+            _index = _GrantIndex(version, time.monotonic(), list(grants.values()), allowlists)
     return _index
 
 

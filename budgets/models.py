@@ -2,33 +2,24 @@
 Grants nest (org -> department -> team -> project/feature -> person/key); a call is charged to every grant
 that covers it and to each of their ancestors."""
 import logging
-import uuid
 from decimal import Decimal
 
 from django.conf import settings
-from django.core.cache import cache
 from django.core.exceptions import ValidationError
-from django.db import models, transaction
+from django.db import models
 from django.db.models import Sum
 from django.utils import timezone
 
+from governance import stamps
 from governance.models import UsageClass
 
-
 log = logging.getLogger(__name__)
-VERSION_KEY = "budgets:grants:version"
 
 
 def grants_changed() -> None:
     """After any write to grants commits, every process reloads its in-memory grant index on its next call
-    (budgets.enforcement): the version in the shared cache changes."""
-    def bump():
-        try:
-            cache.set(VERSION_KEY, uuid.uuid4().hex, timeout=None)
-        except Exception:  # the cache is down: processes already reload on every call then
-            log.warning("could not publish a grant change to the cache")
-
-    transaction.on_commit(bump)
+    (budgets.enforcement): the grants stamp in the shared cache changes."""
+    stamps.bump(stamps.GRANTS)
 
 
 def default_thresholds() -> list[int]:

@@ -208,6 +208,10 @@ TOLLGATE_MAX_BODY_BYTES = _env("int", "TOLLGATE_MAX_BODY_BYTES", default=8 * 102
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(TOLLGATE_MAX_BODY_BYTES + 1, 2_621_440)
 TOLLGATE_BODY_RETENTION_DAYS = _env("int", "TOLLGATE_BODY_RETENTION_DAYS", default=30)
 TOLLGATE_CATALOG_CACHE_SECONDS = _env("float", "TOLLGATE_CATALOG_CACHE_SECONDS", default=5.0)
+# Keys and grants in each process's memory are reloaded at once when a write bumps their stamp
+# (governance.stamps); this is only the upper bound if a bump could not be published.
+TOLLGATE_MEMORY_CACHE_SECONDS = _env("float", "TOLLGATE_MEMORY_CACHE_SECONDS", default=60.0)
+TOLLGATE_KEY_CACHE_SIZE = _env("int", "TOLLGATE_KEY_CACHE_SIZE", default=5000)
 # Budgets
 TOLLGATE_HOLD_SECONDS = _env("int", "TOLLGATE_HOLD_SECONDS", default=900)
 # Reconciliation: a day x model line (and a month) drifts when both thresholds are passed.

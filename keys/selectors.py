@@ -1,27 +1,88 @@
 """Reads of virtual keys."""
+import threading
+import time
+from collections import OrderedDict
 from decimal import Decimal
 
+from django.conf import settings
 from django.db.models import DecimalField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
+from governance import stamps
 from keys import keyformat
 from keys.models import AccessRequest, VirtualKey
 
 
-def key_by_secret(secret: str) -> VirtualKey | None:
-    """The key for a presented secret, or None. A malformed secret (bad shape or checksum) costs no query.
-    A secret rotated out still matches during its grace period."""
-    if not keyformat.is_well_formed(secret):
-        return None
-    digest = keyformat.hash_key(secret)
-    key = next(iter(
+class _KeyCache:
+    """Keys the relay has seen, in this process's memory, with their team, owner, cost center and model
+    allowlists loaded, so an authenticated call needs no query. Entries are valid for the keys stamp they
+    were loaded at (governance.stamps: every write to a key, team, person, cost center or allowlist bumps
+    it after commit, so a revocation reaches every process on its next call) and for at most
+    TOLLGATE_MEMORY_CACHE_SECONDS. At most TOLLGATE_KEY_CACHE_SIZE keys, least recently used out first.
+    Unknown secrets are never cached."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.stamp: str | None = None
+        self.entries: OrderedDict[str, tuple[float, VirtualKey]] = OrderedDict()
+
+    def get(self, digest: str, stamp: str) -> VirtualKey | None:
+        with self.lock:
+            if stamp != self.stamp:
+                self.entries.clear()
+                self.stamp = stamp
+                return None
+            entry = self.entries.get(digest)
+            if entry is None:
+                return None
+            if time.monotonic() - entry[0] >= settings.TOLLGATE_MEMORY_CACHE_SECONDS:
+                del self.entries[digest]
+                return None
+            self.entries.move_to_end(digest)
+            return entry[1]
+
+    def put(self, digest: str, stamp: str, key: VirtualKey) -> None:
+        with self.lock:
+            if stamp != self.stamp:
+                return  # the stamp moved while the key was loading: what was read may be stale already
+            self.entries[digest] = (time.monotonic(), key)
+            while len(self.entries) > settings.TOLLGATE_KEY_CACHE_SIZE:
+                self.entries.popitem(last=False)
+
+    def clear(self) -> None:
+        with self.lock:
+            self.entries.clear()
+            self.stamp = None
+
+
+_cache = _KeyCache()
+invalidate_key_cache = _cache.clear
+
+
+def _load(digest: str) -> VirtualKey | None:
+    return next(iter(
         VirtualKey.objects.select_related("person", "team", "team__cost_center")
+        .prefetch_related("allowed_models", "team__allowed_models")  # read by the relay's model check
         .filter(Q(key_hash=digest) | Q(previous_key_hash=digest))
         .order_by()[:1]  # at most one row matches; skip the default ORDER BY
     ), None)
-    if key is None:
+
+
+def key_by_secret(secret: str) -> VirtualKey | None:
+    """The key for a presented secret, or None. A malformed secret (bad shape or checksum) costs no query,
+    a known one usually none either (see _KeyCache). A secret rotated out still matches during its grace
+    period. The returned key is shared with other threads: read it, never change it."""
+    if not keyformat.is_well_formed(secret):
         return None
+    digest = keyformat.hash_key(secret)
+    stamp = stamps.current(stamps.KEYS)  # read before loading, so a change during the load is not missed
+    key = _cache.get(digest, stamp)
+    if key is None:
+        key = _load(digest)
+        if key is None:
+            return None
+        _cache.put(digest, stamp, key)
     # The lookup is by hash already; the constant-time compare guards against any future lookup by prefix.
     if keyformat.matches(secret, key.key_hash):
         return key
@@ -29,6 +90,11 @@ def key_by_secret(secret: str) -> VirtualKey | None:
     if key.previous_key_hash and in_grace and keyformat.matches(secret, key.previous_key_hash):
         return key
     return None
+
+
+def keys_changed() -> None:
+    """Call after any write that changes what the relay decides for a key (see _KeyCache)."""
+    stamps.bump(stamps.KEYS)
 
 
 def keys_for_person(person):

@@ -31,6 +31,7 @@ from gateway.relay.checks import (
     touch_key,
 )
 from gateway.relay.wire import StreamConverter, client_response, upstream_payload
+from governance import stamps
 from governance.models import BodyLogging
 from keys.models import VirtualKey
 from ledger.models import LedgerEntry
@@ -48,6 +49,11 @@ class RelayResult:
 
 
 def handle(call: RelayCall) -> RelayResult:
+    with stamps.pinned():  # one cache read for the in-memory keys and grants this call consults
+        return _handle(call)
+
+
+def _handle(call: RelayCall) -> RelayResult:
     record = CallRecord(request_id=call.request_id, client_ip=call.client_ip, started=time.perf_counter())
     anthropic_client = call.endpoint == MESSAGES
     try:

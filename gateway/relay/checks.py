@@ -3,6 +3,7 @@ and grants, rate limits, budget. Each refusal is a RelayError with its own code.
 import ipaddress
 import json
 import logging
+import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
@@ -18,7 +19,6 @@ from gateway.errors import RelayError
 from gateway.models import ModelAlias
 from gateway.pricing import cost_of
 from governance.models import Person
-from governance.redis import get_redis
 from keys.actor import ActorError, verify_actor
 from keys.models import VirtualKey
 from keys.selectors import key_by_secret
@@ -121,11 +121,12 @@ def parse_body(call: RelayCall) -> dict:
 
 
 def allowed_alias_ids(key: VirtualKey) -> set[int] | None:
-    """The intersection of the key's and the team's allowlists; None when neither restricts."""
+    """The intersection of the key's and the team's allowlists; None when neither restricts. Reads the
+    allowlists prefetched with the key (keys.selectors.key_by_secret), so no query on the relay's path."""
     allowed = None
     for ids in (
-        set(key.allowed_models.values_list("pk", flat=True)),
-        set(key.team.allowed_models.values_list("pk", flat=True)),
+        {alias.pk for alias in key.allowed_models.all()},
+        {alias.pk for alias in key.team.allowed_models.all()},
     ):
         if ids:
             allowed = ids if allowed is None else allowed & ids
@@ -264,13 +265,17 @@ def _reserve(key, grants, payload, route) -> Reservation:
                                tokens=estimate_input_tokens(payload) + output)
 
 
-def touch_key(key: VirtualKey) -> None:
-    """last_used_at, at most once a minute per key, so the hot path does not write the key row every call."""
-    client = get_redis()
-    try:
-        if client is not None and not client.set(f"key-used:{key.pk}", 1, nx=True, ex=60):
-            return
-    except Exception:
-        return
-    VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+_touched: dict[int, float] = {}  # key id -> when this process last wrote its last_used_at (monotonic)
+TOUCH_EVERY_SECONDS = 60
 
+
+def touch_key(key: VirtualKey) -> None:
+    """last_used_at, at most once a minute per key and process, so the hot path does not write the key row
+    (nor ask Redis) on every call. last_used_at is only read by reports of unused keys, in days."""
+    now = time.monotonic()
+    if now - _touched.get(key.pk, -TOUCH_EVERY_SECONDS) < TOUCH_EVERY_SECONDS:
+        return
+    if len(_touched) > 100_000:  # bounded: forget everything rather than grow with the number of keys
+        _touched.clear()
+    _touched[key.pk] = now
+    VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())

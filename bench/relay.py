@@ -15,6 +15,7 @@ import math
 import os
 import re
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -54,6 +55,9 @@ LATENCY_RATE = 50
 STREAM_SECONDS = 5
 STREAMS_PER_PROCESS = 64
 RESULT_MARK = "BENCH-RESULT "
+PHASES = ("throughput", "latency", "streams", "memory")
+# The relay as production runs it on a 2-core machine; --gunicorn-args adds to (and overrides) these.
+SERVER_ARGS = ["--worker-class", "gthread", "--workers", "2", "--threads", "160", "--backlog", "2048"]
 
 
 @dataclass(frozen=True)
@@ -616,8 +620,8 @@ def percentile(values: list[float], pct: float) -> float:
 
 
 class Bench:
-    def __init__(self, plan: Plan, *, quick: bool, force_python: bool):
-        self.plan, self.quick = plan, quick
+    def __init__(self, plan: Plan, *, quick: bool, force_python: bool, server_args: list[str]):
+        self.plan, self.quick, self.server_args = plan, quick, server_args
         self.procs = Processes()
         self.tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
         self.env = app_env(secrets.token_urlsafe(48), _fernet_key())
@@ -643,8 +647,7 @@ class Bench:
         log = self.tmp / "gunicorn.log"
         with open(log, "w") as gunicorn_log:
             self.gunicorn = self.procs.start(
-                [GUNICORN, "governance.wsgi:application", "--bind", f"{HOST}:{self.relay_port}",
-                 "--worker-class", "gthread", "--workers", "2", "--threads", "160", "--backlog", "2048"],
+                [GUNICORN, "governance.wsgi:application", "--bind", f"{HOST}:{self.relay_port}", *self.server_args],
                 env=self.env, stdout=gunicorn_log, stderr=subprocess.STDOUT,
             )
         wait_for_healthz(self.relay_port, self.gunicorn, log, timeout=60)
@@ -925,6 +928,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.relay", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short phases (about a minute) to check the bench works")
     parser.add_argument("--python-load", action="store_true", help="use the Python load generator even when wrk exists")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
+    parser.add_argument("--gunicorn-args", default="", help="extra gunicorn arguments, e.g. '--workers 3' (to compare set-ups)")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--args-file", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -935,14 +940,17 @@ def main(argv: list[str] | None = None) -> int:
 
     signal.signal(signal.SIGTERM, _raise_on_sigterm)
     started = time.monotonic()
-    bench = Bench(QUICK if opts.quick else FULL, quick=opts.quick, force_python=opts.python_load)
+    phases = [p for p in opts.phases.split(",") if p]
+    if set(phases) - set(PHASES):
+        parser.error(f"unknown phases: {', '.join(sorted(set(phases) - set(PHASES)))}")
+    bench = Bench(QUICK if opts.quick else FULL, quick=opts.quick, force_python=opts.python_load,
+                  server_args=[*SERVER_ARGS, *shlex.split(opts.gunicorn_args)])
     ok, failed = False, True
     try:
         bench.prepare()
-        bench.throughput()
-        bench.latency()
-        bench.streams()
-        bench.memory()
+        for phase in PHASES:
+            if phase in phases:
+                getattr(bench, phase)()
         ok = bench.summary()
         failed = False
     except KeyboardInterrupt:

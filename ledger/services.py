@@ -13,6 +13,7 @@ from django.utils import timezone
 from governance.audit import audit_record
 
 from governance.models import BodyLogging
+from ledger import writer
 from ledger.models import CallBody, DailyRollup, LedgerEntry, RollupState
 from ledger.redaction import redact_text
 
@@ -55,18 +56,15 @@ _ENTRY_FIELDS = sorted({f.name for f in LedgerEntry._meta.concrete_fields} & {f.
 
 
 def ledger_record(record: CallRecord) -> LedgerEntry:
+    """Write one call's entry (and its body when policy keeps it); committed when this returns."""
     record.model_requested, record.detail = record.model_requested[:120], record.detail[:200]
     entry = LedgerEntry(**{name: getattr(record, name) for name in _ENTRY_FIELDS})
-    if record.body_mode == BodyLogging.OFF or not record.request_text:
-        entry.save(force_insert=True)
-        return entry
-    clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
-    with transaction.atomic():
-        entry.save(force_insert=True)
-        CallBody.objects.create(
-            entry=entry, created_at=record.created_at, mode=record.body_mode,
-            request=clean(record.request_text), response=clean(record.response_text),
-        )
+    body = None
+    if record.body_mode != BodyLogging.OFF and record.request_text:
+        clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
+        body = CallBody(created_at=record.created_at, mode=record.body_mode,
+                        request=clean(record.request_text), response=clean(record.response_text))
+    writer.write(entry, body)
     return entry
 
 

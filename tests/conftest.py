@@ -31,6 +31,16 @@ def _celery_runs_tasks_inline():
     yield
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _ledger_writer_stopped_before_teardown(django_db_setup, django_db_blocker):
+    """The ledger writer thread keeps a database connection; close it before the test database is
+    dropped (PostgreSQL refuses to drop a database with open connections)."""
+    yield
+    from ledger import writer
+
+    writer.stop()
+
+
 @pytest.fixture
 def person(db):
     from tests.governance.factories import PersonFactory

@@ -1,0 +1,156 @@
+"""Group commit for the relay's ledger rows: one writer thread per process, one INSERT per batch.
+
+A relay call returns only after its ledger row is committed, so nothing is answered that is not in the
+ledger. Writing the row from the request thread would cost every call a pooled connection checkout, an
+INSERT round trip and a commit (an fsync) of its own. Instead the request thread queues the row and waits;
+the process's writer thread, which keeps one connection, takes every row queued since its last commit,
+inserts them with one multi-row INSERT in one transaction and wakes the waiting callers. At low load a
+batch is one row (the same work as before, minus the checkout); under load, many calls share one round
+trip and one fsync.
+
+A row written inside a transaction of the caller's (services, tests) is written on the caller's
+connection instead, so it commits or rolls back with that transaction.
+"""
+import logging
+import os
+import queue
+import threading
+from dataclasses import dataclass, field
+
+from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+
+from ledger.models import CallBody, LedgerEntry
+
+log = logging.getLogger(__name__)
+
+MAX_BATCH = 256  # rows per INSERT; under any load a batch is far smaller, this only bounds a backlog
+WAIT_SECONDS = 30.0  # a caller never waits longer than this for its commit (the writer is stuck or gone)
+
+
+class LedgerWriteTimeout(Exception):
+    """The ledger writer did not confirm the commit in time; the row may or may not be written."""
+
+
+@dataclass(eq=False)
+class _Pending:
+    entry: LedgerEntry
+    body: CallBody | None
+    done: threading.Event = field(default_factory=threading.Event)
+    error: BaseException | None = None
+
+
+class LedgerWriter:
+    def __init__(self) -> None:
+        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+        self._pid: int | None = None
+
+    def write(self, entry: LedgerEntry, body: CallBody | None = None) -> None:
+        """Insert the entry (and its body), returning once committed; raises what the insert raised."""
+        pending = _Pending(entry, body)
+        self._ensure_running()
+        self._queue.put(pending)
+        if not pending.done.wait(WAIT_SECONDS):
+            raise LedgerWriteTimeout(f"ledger writer did not commit {entry.request_id} within {WAIT_SECONDS:.0f}s")
+        if pending.error is not None:
+            raise pending.error
+
+    def stop(self) -> None:
+        """Finish what is queued, close the writer's connection and end its thread (tests, shutdown)."""
+        with self._lock:
+            thread, self._thread = self._thread, None
+        if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            self._queue.put(None)
+            thread.join(timeout=WAIT_SECONDS)
+
+    def _ensure_running(self) -> None:
+        # A forked worker (gunicorn) inherits the object but not the thread: it starts its own.
+        if self._pid == os.getpid() and self._thread is not None and self._thread.is_alive():
+            return
+        with self._lock:
+            if self._pid != os.getpid() or self._thread is None or not self._thread.is_alive():
+                self._queue = queue.SimpleQueue()
+                self._pid = os.getpid()
+                self._thread = threading.Thread(target=self._run, name="ledger-writer", daemon=True)
+                self._thread.start()
+
+    def _run(self) -> None:
+        source = self._queue
+        try:
+            while True:
+                first = source.get()
+                if first is None:
+                    return
+                batch = [first]
+                while len(batch) < MAX_BATCH:
+                    try:
+                        item = source.get_nowait()
+                    except queue.Empty:
+                        break
+                    if item is None:
+                        source.put(None)  # stop after this batch
+                        break
+                    batch.append(item)
+                self._flush(batch)
+        finally:
+            connection.close()
+
+    def _flush(self, batch: list[_Pending]) -> None:
+        try:
+            self._insert_retrying(batch)
+        except Exception as exc:
+            if len(batch) > 1:  # one bad row must not cost the others their entry: write them one by one
+                for pending in batch:
+                    self._flush([pending])
+                return
+            log.exception("ledger insert failed for request %s", batch[0].entry.request_id)
+            batch[0].error = exc
+        for pending in batch:
+            pending.done.set()
+
+    def _insert_retrying(self, batch: list[_Pending]) -> None:
+        committing = False
+        try:
+            with transaction.atomic():
+                _insert(batch)
+                committing = True
+        except (OperationalError, InterfaceError):
+            connection.close()
+            if committing:  # the commit's outcome is unknown: retrying could write the rows twice
+                raise
+            # The kept connection broke before anything was committed (database restarted, connection
+            # killed): reconnect and write once more.
+            with transaction.atomic():
+                _insert(batch)
+        except DatabaseError:
+            connection.close_if_unusable_or_obsolete()
+            raise
+
+
+def _insert(batch: list[_Pending]) -> None:
+    LedgerEntry.objects.bulk_create([pending.entry for pending in batch])
+    bodies = []
+    for pending in batch:
+        if pending.body is not None:
+            pending.body.entry_id = pending.entry.pk
+            bodies.append(pending.body)
+    if bodies:
+        CallBody.objects.bulk_create(bodies)
+
+
+_writer = LedgerWriter()
+stop = _writer.stop
+
+
+def write(entry: LedgerEntry, body: CallBody | None = None) -> None:
+    """Insert a ledger entry (and its body), committed when this returns. Inside a transaction of the
+    caller's, the insert joins it; otherwise it goes through the process's writer (group commit)."""
+    if connection.in_atomic_block:
+        with transaction.atomic():
+            entry.save(force_insert=True)
+            if body is not None:
+                body.entry = entry
+                body.save(force_insert=True)
+        return
+    _writer.write(entry, body)

@@ -36,4 +36,5 @@ USER 10001:10001
 
 EXPOSE 8000
 
-CMD ["gunicorn", "governance.wsgi:application", "--bind", "0.0.0.0:8000", "--worker-class", "gthread", "--workers", "4", "--threads", "32", "--forwarded-allow-ips=*"]
+# Worker class, processes and connections: governance/gunicorn_conf.py (WEB_* variables, see README).
+CMD ["gunicorn", "--config", "python:governance.gunicorn_conf"]

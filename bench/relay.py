@@ -56,8 +56,9 @@ STREAM_SECONDS = 5
 STREAMS_PER_PROCESS = 64
 RESULT_MARK = "BENCH-RESULT "
 PHASES = ("throughput", "latency", "streams", "memory")
-# The relay as production runs it on a 2-core machine; --gunicorn-args adds to (and overrides) these.
-SERVER_ARGS = ["--worker-class", "gthread", "--workers", "2", "--threads", "160", "--backlog", "2048"]
+# The relay as production runs it (governance/gunicorn_conf.py: gevent, one process per core); the bench
+# only binds it. --gunicorn-args adds to (and overrides) these, e.g. to compare worker classes.
+SERVER_ARGS = ["--config", "python:governance.gunicorn_conf"]
 
 
 @dataclass(frozen=True)
@@ -647,7 +648,7 @@ class Bench:
         log = self.tmp / "gunicorn.log"
         with open(log, "w") as gunicorn_log:
             self.gunicorn = self.procs.start(
-                [GUNICORN, "governance.wsgi:application", "--bind", f"{HOST}:{self.relay_port}", *self.server_args],
+                [GUNICORN, *self.server_args, "--bind", f"{HOST}:{self.relay_port}"],
                 env=self.env, stdout=gunicorn_log, stderr=subprocess.STDOUT,
             )
         wait_for_healthz(self.relay_port, self.gunicorn, log, timeout=60)

@@ -64,8 +64,8 @@ def run(args: argparse.Namespace) -> int:
     manager = Manager()
     manager.add_process(
         "web",
-        f"{PY} -m gunicorn governance.wsgi:application --bind {bind} --worker-class gthread "
-        f"--workers 2 --threads 16 --access-logfile - --graceful-timeout 5",
+        f"{PY} -m gunicorn --config python:governance.gunicorn_conf --bind {bind} --workers 2 "
+        f"--access-logfile - --graceful-timeout 5",
         env=env, cwd=str(ROOT),
     )
     manager.add_process("worker", f"{PY} -m celery -A governance worker --pool threads --concurrency 4 -l INFO", env=env, cwd=str(ROOT))

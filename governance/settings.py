@@ -106,6 +106,9 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     )
     DATABASES["default"]["CONN_MAX_AGE"] = 0
     Path(DATABASES["default"]["NAME"]).parent.mkdir(parents=True, exist_ok=True)
+    # Tests get a file too, as the real run has (WAL: readers never wait for the writer), not Django's
+    # shared in-memory database, where one thread's write locks the table against every other thread.
+    DATABASES["default"].setdefault("TEST", {}).setdefault("NAME", str(Path(DATABASES["default"]["NAME"]).with_suffix(".test.sqlite3")))
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")

@@ -15,9 +15,10 @@ import logging
 import os
 import queue
 import threading
+import time
 from dataclasses import dataclass, field
 
-from django.db import DatabaseError, InterfaceError, OperationalError, connection, transaction
+from django.db import connection, transaction
 
 from ledger.models import CallBody, LedgerEntry
 
@@ -25,6 +26,7 @@ log = logging.getLogger(__name__)
 
 MAX_BATCH = 256  # rows per INSERT; under any load a batch is far smaller, this only bounds a backlog
 WAIT_SECONDS = 30.0  # a caller never waits longer than this for its commit (the writer is stuck or gone)
+IDLE_CHECK_SECONDS = 5.0  # the writer's connection is health-checked before use after this long unused
 
 
 class LedgerWriteTimeout(Exception):
@@ -98,8 +100,9 @@ class LedgerWriter:
 
     def _flush(self, batch: list[_Pending]) -> None:
         try:
-            self._insert_retrying(batch)
+            _insert(batch)
         except Exception as exc:
+            connection.close_if_unusable_or_obsolete()  # a broken connection is replaced on the next batch
             if len(batch) > 1:  # one bad row must not cost the others their entry: write them one by one
                 for pending in batch:
                     self._flush([pending])
@@ -109,35 +112,32 @@ class LedgerWriter:
         for pending in batch:
             pending.done.set()
 
-    def _insert_retrying(self, batch: list[_Pending]) -> None:
-        committing = False
-        try:
-            with transaction.atomic():
-                _insert(batch)
-                committing = True
-        except (OperationalError, InterfaceError):
-            connection.close()
-            if committing:  # the commit's outcome is unknown: retrying could write the rows twice
-                raise
-            # The kept connection broke before anything was committed (database restarted, connection
-            # killed): reconnect and write once more.
-            with transaction.atomic():
-                _insert(batch)
-        except DatabaseError:
-            connection.close_if_unusable_or_obsolete()
-            raise
-
 
 def _insert(batch: list[_Pending]) -> None:
-    LedgerEntry.objects.bulk_create([pending.entry for pending in batch])
-    bodies = []
-    for pending in batch:
-        if pending.body is not None:
-            pending.body.entry_id = pending.entry.pk
-            bodies.append(pending.body)
-    if bodies:
-        CallBody.objects.bulk_create(bodies)
+    global _last_insert
+    # No retry after a failure: a connection that breaks mid-commit leaves it unknown whether the rows are
+    # in, and a retry could charge them twice. Instead a connection idle for a while, the kind a database
+    # restart or a firewall has dropped, is checked (Django's health check) before it is used.
+    if time.monotonic() - _last_insert > IDLE_CHECK_SECONDS:
+        connection.close_if_unusable_or_obsolete()
+    _last_insert = time.monotonic()
+    if len(batch) == 1 and batch[0].body is None:
+        # One row is one statement, atomic on its own: in autocommit one round trip, where a transaction
+        # would add a BEGIN and a COMMIT.
+        batch[0].entry.save(force_insert=True)
+        return
+    with transaction.atomic():
+        LedgerEntry.objects.bulk_create([pending.entry for pending in batch])
+        bodies = []
+        for pending in batch:
+            if pending.body is not None:
+                pending.body.entry_id = pending.entry.pk
+                bodies.append(pending.body)
+        if bodies:
+            CallBody.objects.bulk_create(bodies)
 
+
+_last_insert = 0.0
 
 _writer = LedgerWriter()
 stop = _writer.stop

@@ -2,10 +2,13 @@
 
 Docker itself is not needed: the files are parsed and checked against the installed environment.
 """
+import importlib
 import importlib.util
+import os
 import re
 import shlex
 import shutil
+import subprocess
 import sys
 from pathlib import Path
 
@@ -60,11 +63,29 @@ def test_web_runs_migrations_before_gunicorn(services):
     assert programs.index("python") < programs.index("gunicorn")
 
 
-def test_gunicorn_serves_an_importable_wsgi_application(services):
+def test_gunicorn_serves_the_wsgi_application_named_in_its_config(services):
     gunicorn = command_running(services, "web", "gunicorn")
-    app_spec = next(arg for arg in gunicorn[1:] if not arg.startswith("-") and ":" in arg)
-    assert app_spec == "governance.wsgi:application"
-    assert importlib.util.find_spec(app_spec.split(":")[0]) is not None
+    assert gunicorn[1:3] == ["--config", "python:governance.gunicorn_conf"]
+    module, _, attribute = importlib.import_module("governance.gunicorn_conf").wsgi_app.partition(":")
+    assert callable(getattr(importlib.import_module(module), attribute))
+
+
+def _gunicorn_conf(**env) -> subprocess.CompletedProcess:
+    code = "import governance.gunicorn_conf as c; print(c.worker_class, c.workers)"
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("WEB_", "DATABASE_URL"))}
+    return subprocess.run([sys.executable, "-c", code], env={**clean, **env}, cwd=ROOT, capture_output=True, text=True)
+
+
+def test_web_workers_are_gevent_on_postgres_and_gthread_on_sqlite():
+    assert _gunicorn_conf(DATABASE_URL="postgres://db/tollgate", WEB_WORKERS="3").stdout.split() == ["gevent", "3"]
+    assert _gunicorn_conf(DATABASE_URL="sqlite:///x.sqlite3").stdout.split()[0] == "gthread"
+    assert _gunicorn_conf(DATABASE_URL="postgres://db/tollgate", WEB_WORKER_CLASS="gthread").stdout.split()[0] == "gthread"
+
+
+@pytest.mark.parametrize("name, value", [("WEB_WORKERS", "many"), ("WEB_WORKER_CLASS", "eventlet")])
+def test_a_bad_web_setting_stops_gunicorn_naming_the_variable(name, value):
+    result = _gunicorn_conf(**{name: value})
+    assert result.returncode != 0 and name in result.stderr
 
 
 @pytest.mark.parametrize("service", ["worker", "beat"])

@@ -80,7 +80,8 @@ def test_inside_a_callers_transaction_the_row_commits_or_rolls_back_with_it():
 
 @pytest.mark.postgres
 @pytest.mark.django_db(transaction=True)
-def test_the_writer_replaces_a_connection_the_database_killed():
+def test_the_writer_replaces_a_connection_the_database_killed(monkeypatch):
+    monkeypatch.setattr(writer, "IDLE_CHECK_SECONDS", 0.0)  # as if the connection had been idle a while
     ledger_record(record())
     with connection.cursor() as cursor:  # kills every other session on the test database, the writer's too
         cursor.execute("SELECT pg_terminate_backend(pid) FROM pg_stat_activity "

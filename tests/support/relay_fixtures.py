@@ -113,7 +113,8 @@ def _free_port() -> int:
 
 @pytest.fixture
 def gunicorn(relay):
-    """The relay as it runs in production: gunicorn with three worker processes, on the test database
+    """The relay as it runs in production (governance/gunicorn_conf.py: gevent workers on PostgreSQL), with three
+    worker processes, on the test database
     (PostgreSQL only: the test must commit its data, so use it with transactional tests)."""
     db = settings.DATABASES["default"]
     user = db["USER"] + (f":{db['PASSWORD']}" if db["PASSWORD"] else "")
@@ -125,8 +126,8 @@ def gunicorn(relay):
            "TOLLGATE_ENCRYPTION_KEYS": ",".join(settings.TOLLGATE_ENCRYPTION_KEYS), "SECURE_SSL_REDIRECT": "false",
            "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "governance.wsgi:application", "--bind", f"127.0.0.1:{port}",
-         "--workers", "3", "--worker-class", "gthread", "--threads", "4"],
+        [sys.executable, "-m", "gunicorn", "--config", "python:governance.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
+         "--workers", "3"],
         cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30

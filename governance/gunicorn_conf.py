@@ -1,0 +1,41 @@
+"""gunicorn settings for Tollgate's web tier (relay, pages, admin), read from the environment.
+
+One file for every way the web tier starts: the Dockerfile, docker-compose, `make run`, the relay benchmark
+and the tests' production-shaped server all run `gunicorn -c python:governance.gunicorn_conf`.
+
+Worker class: gevent on PostgreSQL. A relay call spends most of its time waiting (on the provider, Redis,
+PostgreSQL), and a stream can wait for minutes; gevent's workers serve thousands of them per process on
+one OS thread, where gthread needs a thread per call in flight and loses a large share of its CPU to the
+threads contending for the GIL (bench/README.md has the figures). Everything the relay calls cooperates
+with gevent: sockets (requests, redis-py), psycopg 3 (>= 3.1.14 on its own), threading (patched). SQLite
+does not (a wait for its write lock would stall every call in the worker), so on SQLite, the embedded
+default, the workers are gthread.
+"""
+import multiprocessing
+import os
+
+
+def _int(name: str, default: int) -> int:
+    value = os.environ.get(name, "")
+    try:
+        return int(value) if value else default
+    except ValueError:
+        raise SystemExit(f"{name}: cannot read {value!r} as an integer") from None
+
+
+_on_postgres = os.environ.get("DATABASE_URL", "").startswith(("postgres://", "postgresql://", "pgsql://"))
+
+wsgi_app = "governance.wsgi:application"
+bind = os.environ.get("WEB_BIND", "0.0.0.0:8000")
+worker_class = os.environ.get("WEB_WORKER_CLASS") or ("gevent" if _on_postgres else "gthread")
+if worker_class not in ("gevent", "gthread"):
+    raise SystemExit(f"WEB_WORKER_CLASS: {worker_class!r} is not one of gevent, gthread")
+# One process per core: each runs Python on one core at a time, whatever its worker class.
+workers = _int("WEB_WORKERS", multiprocessing.cpu_count())
+worker_connections = _int("WEB_CONNECTIONS", 1000)  # gevent: calls in flight per process
+threads = _int("WEB_THREADS", 32)  # gthread: calls in flight per process
+backlog = 2048
+keepalive = 75  # seconds; longer than the idle timeout of most load balancers, so they close first
+graceful_timeout = 30
+forwarded_allow_ips = os.environ.get("WEB_FORWARDED_ALLOW_IPS", "127.0.0.1")
+accesslog = "-" if os.environ.get("WEB_ACCESS_LOG", "").lower() in ("1", "true", "yes") else None

@@ -57,6 +57,11 @@ _ENTRY_FIELDS = sorted({f.name for f in LedgerEntry._meta.concrete_fields} & {f.
 
 def ledger_record(record: CallRecord) -> LedgerEntry:
     """Write one call's entry (and its body when policy keeps it); committed when this returns."""
+    return ledger_record_submit(record).wait()
+
+
+def ledger_record_submit(record: CallRecord) -> writer.Written:
+    """Hand one call's entry to the ledger writer; its `wait()` returns once the entry is committed."""
     record.model_requested, record.detail = record.model_requested[:120], record.detail[:200]
     entry = LedgerEntry(**{name: getattr(record, name) for name in _ENTRY_FIELDS})
     body = None
@@ -64,8 +69,7 @@ def ledger_record(record: CallRecord) -> LedgerEntry:
         clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
         body = CallBody(created_at=record.created_at, mode=record.body_mode,
                         request=clean(record.request_text), response=clean(record.response_text))
-    writer.write(entry, body)
-    return entry
+    return writer.submit(entry, body)
 
 
 def call_bodies_purge(*, older_than_days: int, batch_size: int = 5000) -> int:

@@ -8,6 +8,9 @@ inserts them with one multi-row INSERT in one transaction and wakes the waiting 
 batch is one row (the same work as before, minus the checkout); under load, many calls share one round
 trip and one fsync.
 
+A caller may do other work between handing the row over and waiting for its commit (the relay settles
+its Redis counters meanwhile): `submit` returns at once, `Written.wait` returns once the row is in.
+
 A row written inside a transaction of the caller's (services, tests) is written on the caller's
 connection instead, so it commits or rolls back with that transaction.
 """
@@ -34,29 +37,34 @@ class LedgerWriteTimeout(Exception):
 
 
 @dataclass(eq=False)
-class _Pending:
+class Written:
+    """A row handed to the writer; `wait` returns the entry once committed, or raises why it was not."""
+
     entry: LedgerEntry
     body: CallBody | None
     done: threading.Event = field(default_factory=threading.Event)
     error: BaseException | None = None
 
+    def wait(self) -> LedgerEntry:
+        if not self.done.wait(WAIT_SECONDS):
+            raise LedgerWriteTimeout(f"ledger writer did not commit {self.entry.request_id} within {WAIT_SECONDS:.0f}s")
+        if self.error is not None:
+            raise self.error
+        return self.entry
+
 
 class LedgerWriter:
     def __init__(self) -> None:
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
+        self._queue: queue.SimpleQueue[Written | None] = queue.SimpleQueue()
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
 
-    def write(self, entry: LedgerEntry, body: CallBody | None = None) -> None:
-        """Insert the entry (and its body), returning once committed; raises what the insert raised."""
-        pending = _Pending(entry, body)
+    def submit(self, entry: LedgerEntry, body: CallBody | None = None) -> Written:
+        written = Written(entry, body)
         self._ensure_running()
-        self._queue.put(pending)
-        if not pending.done.wait(WAIT_SECONDS):
-            raise LedgerWriteTimeout(f"ledger writer did not commit {entry.request_id} within {WAIT_SECONDS:.0f}s")
-        if pending.error is not None:
-            raise pending.error
+        self._queue.put(written)
+        return written
 
     def stop(self) -> None:
         """Finish what is queued, close the writer's connection and end its thread (tests, shutdown)."""
@@ -98,7 +106,7 @@ class LedgerWriter:
         finally:
             connection.close()
 
-    def _flush(self, batch: list[_Pending]) -> None:
+    def _flush(self, batch: list[Written]) -> None:
         try:
             _insert(batch)
         except Exception as exc:
@@ -113,7 +121,7 @@ class LedgerWriter:
             pending.done.set()
 
 
-def _insert(batch: list[_Pending]) -> None:
+def _insert(batch: list[Written]) -> None:
     global _last_insert
     # No retry after a failure: a connection that breaks mid-commit leaves it unknown whether the rows are
     # in, and a retry could charge them twice. Instead a connection idle for a while, the kind a database
@@ -143,14 +151,17 @@ _writer = LedgerWriter()
 stop = _writer.stop
 
 
-def write(entry: LedgerEntry, body: CallBody | None = None) -> None:
-    """Insert a ledger entry (and its body), committed when this returns. Inside a transaction of the
-    caller's, the insert joins it; otherwise it goes through the process's writer (group commit)."""
-    if connection.in_atomic_block:
-        with transaction.atomic():
-            entry.save(force_insert=True)
-            if body is not None:
-                body.entry = entry
-                body.save(force_insert=True)
-        return
-    _writer.write(entry, body)
+def submit(entry: LedgerEntry, body: CallBody | None = None) -> Written:
+    """Hand over a ledger entry (and its body) to be inserted; wait on the result for the commit. Inside a
+    transaction of the caller's, the insert joins that transaction, at once; otherwise it goes through the
+    process's writer (group commit)."""
+    if not connection.in_atomic_block:
+        return _writer.submit(entry, body)
+    written = Written(entry, body)
+    with transaction.atomic():
+        entry.save(force_insert=True)
+        if body is not None:
+            body.entry = entry
+            body.save(force_insert=True)
+    written.done.set()
+    return written

@@ -2,7 +2,7 @@
 import json
 import logging
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from django.db import connection as db_connection
@@ -35,7 +35,7 @@ from governance import stamps
 from governance.models import BodyLogging
 from keys.models import VirtualKey
 from ledger.models import LedgerEntry
-from ledger.services import CallRecord, ledger_record
+from ledger.services import CallRecord, ledger_record_submit
 
 log = logging.getLogger(__name__)
 
@@ -94,18 +94,31 @@ def refuse(record: CallRecord, error: RelayError, anthropic_client: bool) -> Rel
     return RelayResult(error.status, body=error.body(anthropic=anthropic_client), headers=error.headers)
 
 
-def finish(record: CallRecord) -> None:
+def finish(record: CallRecord, *, meanwhile: Callable[[], None] | None = None) -> None:
+    """Write the call's ledger entry, committed when this returns. `meanwhile` (settling the counters in
+    Redis) runs while the insert is under way, so the call waits for the slower of the two, not both."""
     record.latency_ms = int((time.perf_counter() - record.started) * 1000)
-    ledger_record(record)
+    written = ledger_record_submit(record)
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        written.wait()
 
 
-def settle(record: CallRecord, target: Target, usage: translate.Usage, admission, hold) -> None:
+def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
+    """What the call used and cost, at the catalog price in force when it started."""
     record.provider_model = target.provider_model
     record.input_tokens, record.output_tokens, record.cached_tokens = usage.input_tokens, usage.output_tokens, usage.cached_tokens
     record.cost = cost_of(target.price_at(record.created_at), input_tokens=usage.input_tokens,
                           output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens)
-    alerts.after_settle(enforcement.settle(hold, cost=record.cost, tokens=usage.input_tokens + usage.output_tokens))
-    ratelimit.charge_tokens(admission, usage.input_tokens + usage.output_tokens)
+
+
+def settle(record: CallRecord, admission, hold) -> None:
+    """Turn the budget hold into the actual cost and count the tokens against the rate limits."""
+    tokens = record.input_tokens + record.output_tokens
+    alerts.after_settle(enforcement.settle(hold, cost=record.cost, tokens=tokens))
+    ratelimit.charge_tokens(admission, tokens)
 
 
 def _send_with_fallback(targets, payload, client_format, endpoint, stream, record):
@@ -142,10 +155,10 @@ def forward_call(payload, route, endpoint, client_format, record, admission, hol
     except BaseException:
         enforcement.release(hold)
         raise
-    settle(record, target, usage, admission, hold)
+    price(record, target, usage)
     if record.body_mode != BodyLogging.OFF:
         record.response_text = json.dumps(response, ensure_ascii=False)
-    finish(record)
+    finish(record, meanwhile=lambda: settle(record, admission, hold))
     return RelayResult(200, body=response, headers={**admission.headers(), "x-tollgate-model": target.provider_model.name})
 
 
@@ -168,10 +181,10 @@ def stream_call(payload, route, client_format, record, admission, hold) -> Relay
     def close_out() -> None:
         nonlocal recorded
         recorded = True
-        settle(record, target, converter.usage(), admission, hold)
+        price(record, target, converter.usage())
         if record.body_mode != BodyLogging.OFF:
             record.response_text = "".join(converter.text)
-        finish(record)
+        finish(record, meanwhile=lambda: settle(record, admission, hold))
 
     def fail(code: str, message: str) -> bytes:
         record.outcome, record.http_status, record.error_code, record.detail = (

@@ -49,10 +49,10 @@ def test_a_body_kept_by_policy_is_written_with_its_entry():
 
 @pytest.mark.django_db(transaction=True)
 def test_one_bad_row_in_a_batch_fails_only_its_own_call():
-    from ledger.writer import LedgerWriter, _Pending
+    from ledger.writer import LedgerWriter, Written
 
-    good = [_Pending(LedgerEntry(**_entry_fields()), None) for _ in range(3)]
-    bad = _Pending(LedgerEntry(**{**_entry_fields(), "outcome": None}), None)  # violates NOT NULL
+    good = [Written(LedgerEntry(**_entry_fields()), None) for _ in range(3)]
+    bad = Written(LedgerEntry(**{**_entry_fields(), "outcome": None}), None)  # violates NOT NULL
     batch = [good[0], bad, *good[1:]]
     try:
         LedgerWriter()._flush(batch)

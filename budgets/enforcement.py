@@ -27,7 +27,7 @@ from django.utils import timezone
 
 from budgets.models import Grant
 from governance import stamps
-from governance.redis import get_redis
+from governance.redis import ScriptPart, get_redis, run_parts
 
 log = logging.getLogger(__name__)
 UNIT = Decimal("0.00000001")  # the ledger's precision; Redis counts integers of it
@@ -273,43 +273,79 @@ def _ttl(meter: Meter) -> int:
 
 def reserve(*, grants: list[Grant], key, cost: Decimal, tokens: int) -> Reservation:
     """Hold the call's worst case on every meter at once, or raise BudgetRefused naming the grant at its cap."""
-    meters = meters_for(grants, key)
-    reservation = Reservation(hold_id=uuid.uuid4().hex, meters=meters, grants=grants)
-    if not meters:
-        return reservation
+    plan = reserve_plan(grants=grants, key=key, cost=cost, tokens=tokens)
+    if not plan.reservation.meters:
+        return plan.reservation
     client = get_redis()
-    amounts = [tokens if m.unit == "tokens" else to_units(cost) for m in meters]
     try:
         if client is None:
             raise ConnectionError("REDIS_URL is not set")
-        result = _run_reserve(client, meters, amounts, reservation.hold_id)
+        result = _run_reserve(client, plan)
     except Exception as exc:  # Redis down or unreachable: each grant says whether to admit or refuse
-        closed = [g for g in grants if not g.fails_open] + ([] if not key.monthly_budget else [None])
-        if closed:
-            who = f"grant '{closed[0].name}'" if closed[0] else f"key {key.prefix}'s monthly budget"
-            raise BudgetRefused("budget_unverifiable", f"{who} cannot be checked right now ({type(exc).__name__})",
-                                grant=closed[0]) from None
-        log.error("budget counters unreachable (%s): admitting a call on production grants unchecked", type(exc).__name__)
-        reservation.unverified = True
-        return reservation
+        return _unverified(plan, key, exc)
+    return reservation_from(plan, result)
+
+
+@dataclass
+class ReservePlan:
+    """A reservation not yet made: its meters and the amount to hold on each."""
+
+    reservation: Reservation
+    amounts: list[int]
+    key: object = None
+
+    def part(self) -> ScriptPart:
+        """The reserve script for this plan, to run alone or after other parts in one round trip."""
+        meters = self.reservation.meters
+        now_ms = int(time.time() * 1000)
+        expiry_ms = now_ms + settings.TOLLGATE_HOLD_SECONDS * 1000
+        args = [now_ms, expiry_ms, self.reservation.hold_id, max(_ttl(m) for m in meters)]
+        for meter, amount in zip(meters, self.amounts):
+            args += [meter.limit, amount]
+        return ScriptPart(_RESERVE, [k for m in meters for k in m.redis_keys()], args)
+
+
+def reserve_plan(*, grants: list[Grant], key, cost: Decimal, tokens: int) -> ReservePlan:
+    meters = meters_for(grants, key)
+    amounts = [tokens if m.unit == "tokens" else to_units(cost) for m in meters]
+    return ReservePlan(Reservation(hold_id=uuid.uuid4().hex, meters=meters, grants=grants), amounts, key)
+
+
+def reservation_from(plan: ReservePlan, result: list) -> Reservation:
+    """The reserve script's answer: the reservation, or BudgetRefused. A result saying a counter is missing
+    is not an answer: the caller runs `reserve`, which rebuilds it from the ledger."""
+    if result[0] == -1:
+        raise CounterMissing()
+    reservation, meters = plan.reservation, plan.reservation.meters
     if result[0] == 0:
         meter = meters[result[1] - 1]
-        raise _refusal(meter, spent=int(result[2]), held=int(result[3]), amount=amounts[result[1] - 1])
-    for meter, spent, amount in zip(meters, result[1], amounts):
-        if meter.limit == NO_LIMIT and meter.unit == "cost" and spent + amount > to_units(meter.grant.limit_amount):
+        raise _refusal(meter, spent=int(result[2]), held=int(result[3]), amount=plan.amounts[result[1] - 1])
+    for meter, spent, amount in zip(meters, result[1], plan.amounts):
+        if meter.limit == NO_LIMIT and meter.unit == "cost" and int(spent) + amount > to_units(meter.grant.limit_amount):
             reservation.over_cap.append(meter.grant)
     return reservation
 
 
-def _run_reserve(client, meters: list[Meter], amounts: list[int], hold_id: str) -> list:
-    keys = [k for m in meters for k in m.redis_keys()]
-    now_ms = int(time.time() * 1000)
-    expiry_ms = now_ms + settings.TOLLGATE_HOLD_SECONDS * 1000
-    args = [now_ms, expiry_ms, hold_id, max(_ttl(m) for m in meters)]
-    for meter, amount in zip(meters, amounts):
-        args += [meter.limit, amount]
+class CounterMissing(Exception):
+    """A meter's counter does not exist yet in Redis (new period, or Redis lost its data)."""
+
+
+def _unverified(plan: ReservePlan, key, exc: Exception) -> Reservation:
+    grants, reservation = plan.reservation.grants, plan.reservation
+    closed = [g for g in grants if not g.fails_open] + ([] if not key.monthly_budget else [None])
+    if closed:
+        who = f"grant '{closed[0].name}'" if closed[0] else f"key {key.prefix}'s monthly budget"
+        raise BudgetRefused("budget_unverifiable", f"{who} cannot be checked right now ({type(exc).__name__})",
+                            grant=closed[0]) from None
+    log.error("budget counters unreachable (%s): admitting a call on production grants unchecked", type(exc).__name__)
+    reservation.unverified = True
+    return reservation
+
+
+def _run_reserve(client, plan: ReservePlan) -> list:
+    meters = plan.reservation.meters
     for _ in range(len(meters) + 1):
-        result = _script(client, _RESERVE)(keys=keys, args=args)
+        result = run_parts(client, [plan.part()])[0]
         if result[0] != -1:
             return result
         # A counter is missing (new period, or Redis lost its data): rebuild it from the ledger, then retry.

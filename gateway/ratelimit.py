@@ -10,7 +10,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
-from governance.redis import get_redis
+from governance.redis import ScriptPart, get_redis, run_parts
 
 log = logging.getLogger(__name__)
 
@@ -90,16 +90,6 @@ class LimitsUnavailable(Exception):
     """Limits are configured but Redis cannot be reached: refusing is the only safe answer."""
 
 
-_script_cache: dict[int, object] = {}
-
-
-def _admit_script(client):
-    """EVALSHA with a fallback to EVAL, so the script body is not resent on every call."""
-    if id(client) not in _script_cache:
-        _script_cache[id(client)] = client.register_script(_ADMIT)
-    return _script_cache[id(client)]
-
-
 def limits_for(*, key, person, team) -> list[Limit]:
     limits = []
     for scope, holder in (("key", key), ("person", person), ("team", team)):
@@ -123,14 +113,26 @@ def admit(limits: list[Limit]) -> Admission:
     client = get_redis()
     if client is None:
         raise LimitsUnavailable("rate limits are configured but REDIS_URL is not set")
+    part, now = admit_part(limits)
+    try:
+        result = run_parts(client, [part])[0]
+    except Exception as exc:  # redis.RedisError and connection errors alike
+        raise LimitsUnavailable(f"rate-limit store unreachable ({type(exc).__name__})") from exc
+    return admission_from(limits, result, now)
+
+
+def admit_part(limits: list[Limit]) -> tuple[ScriptPart, float]:
+    """The admission script for these limits, to run alone (`admit`) or with others in one round trip.
+    The parts after it run only if it admitted the call."""
     now = time.time()
     args = []
     for lim in limits:
         args += [lim.limit, 1 if lim.unit == "requests" else 0, WINDOWS[lim.window] + 5]
-    try:
-        result = _admit_script(client)(keys=[lim.redis_key(now) for lim in limits], args=args)
-    except Exception as exc:  # redis.RedisError and connection errors alike
-        raise LimitsUnavailable(f"rate-limit store unreachable ({type(exc).__name__})") from exc
+    return ScriptPart(_ADMIT, [lim.redis_key(now) for lim in limits], args, go_on_if="r[1] == 0"), now
+
+
+def admission_from(limits: list[Limit], result: list, now: float) -> Admission:
+    """The admission script's answer: the counters' values, or LimitExceeded for the first full limit."""
     if result[0] != 0:
         full = limits[result[0] - 1]
         seconds = WINDOWS[full.window]

@@ -18,7 +18,7 @@ from gateway.relay.checks import (
     MESSAGES,
     MODELS,
     RelayCall,
-    admit,
+    admit_and_reserve,
     allowed_alias_ids,
     authenticate,
     check_grants,
@@ -26,7 +26,6 @@ from gateway.relay.checks import (
     check_request,
     collect_tags,
     parse_body,
-    reserve,
     resolve_model,
     touch_key,
 )
@@ -69,9 +68,8 @@ def _handle(call: RelayCall) -> RelayResult:
         record.body_mode = key.effective_body_logging
         if record.body_mode != BodyLogging.OFF:
             record.request_text = call.body.decode("utf-8", "replace")
-        admission = admit(key, record.person)
+        admission, route, hold = admit_and_reserve(key, grants, payload, route, record, call.endpoint)
         touch_key(key)
-        route, hold = reserve(key, grants, payload, route, record, call.endpoint)
         client_format = providers.WIRE_ANTHROPIC if anthropic_client else providers.WIRE_OPENAI
         if payload.get("stream") and call.endpoint != EMBEDDINGS:
             return stream_call(payload, route, client_format, record, admission, hold)

@@ -19,6 +19,7 @@ from gateway.errors import RelayError
 from gateway.models import ModelAlias
 from gateway.pricing import cost_of
 from governance.models import Person
+from governance.redis import get_redis, run_parts
 from keys.actor import ActorError, verify_actor
 from keys.models import VirtualKey
 from keys.selectors import key_by_secret
@@ -190,16 +191,46 @@ def collect_tags(key: VirtualKey, headers: Mapping[str, str], payload: dict, act
 
 
 def admit(key: VirtualKey, person: Person | None) -> ratelimit.Admission:
-    limits = ratelimit.limits_for(key=key, person=person, team=key.team)
     try:
-        return ratelimit.admit(limits)
+        return ratelimit.admit(ratelimit.limits_for(key=key, person=person, team=key.team))
     except ratelimit.LimitExceeded as exc:
-        raise RelayError(
-            "rate_limit_exceeded", f"{exc.limit.describe()} reached; retry after {exc.retry_after}s",
-            headers={"Retry-After": str(exc.retry_after)},
-        ) from None
+        raise _rate_refusal(exc) from None
     except ratelimit.LimitsUnavailable as exc:
         raise RelayError("limits_unavailable", f"limits cannot be checked right now: {exc}") from None
+
+
+def _rate_refusal(exc: ratelimit.LimitExceeded) -> RelayError:
+    return RelayError("rate_limit_exceeded", f"{exc.limit.describe()} reached; retry after {exc.retry_after}s",
+                      headers={"Retry-After": str(exc.retry_after)})
+
+
+def admit_and_reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: CallRecord,
+                      endpoint: str) -> tuple[ratelimit.Admission, Route, Reservation]:
+    """Rate limits (step 5), then the budget hold (step 6), in one Redis round trip when both apply: the
+    two scripts run as one (governance.redis.run_parts), the hold only if the limits admitted the call,
+    exactly as if they ran one after the other. Every other outcome (a budget refusal, a downgrade, a
+    missing counter, Redis down) is answered by the separate steps, which know how."""
+    limits = ratelimit.limits_for(key=key, person=record.person, team=key.team)
+    plan = enforcement.reserve_plan(grants=grants, key=key, cost=worst_case_cost(payload, route),
+                                    tokens=_hold_tokens(payload, route))
+    client = get_redis()
+    if not limits or not plan.reservation.meters or client is None:
+        return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
+    limits_part, now = ratelimit.admit_part(limits)
+    try:
+        results = run_parts(client, [limits_part, plan.part()])
+    except Exception:  # unreachable: the separate steps apply their own policies (limits refuse first)
+        return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
+    try:
+        admission = ratelimit.admission_from(limits, results[0], now)
+    except ratelimit.LimitExceeded as exc:
+        raise _rate_refusal(exc) from None
+    try:
+        reservation = enforcement.reservation_from(plan, results[1])
+    except (BudgetRefused, enforcement.CounterMissing):
+        return admission, *reserve(key, grants, payload, route, record, endpoint)
+    _record_reservation(reservation, record)
+    return admission, route, reservation
 
 
 def estimate_input_tokens(payload: dict) -> int:
@@ -250,19 +281,27 @@ def reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: 
             raise RelayError(again.code, again.message) from None
         record.alias, route = cheaper.alias, cheaper
         record.detail = f"downgraded from '{payload['model']}' to '{cheaper.alias.name}' by grant '{grant.name}'"
+    _record_reservation(reservation, record)
+    return route, reservation
+
+
+def _record_reservation(reservation: Reservation, record: CallRecord) -> None:
     record.grant_path = reservation.grant_path
     if reservation.unverified:
         record.detail = "budget unverified: counters unreachable, admitted by production grants' policy"
         alerts.alert_unverified(reservation.grants)
     for grant in reservation.over_cap:
         alerts.page_over_cap(grant)
-    return route, reservation
+
+
+def _hold_tokens(payload: dict, route: Route) -> int:
+    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
+    return estimate_input_tokens(payload) + output
 
 
 def _reserve(key, grants, payload, route) -> Reservation:
-    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
     return enforcement.reserve(grants=grants, key=key, cost=worst_case_cost(payload, route),
-                               tokens=estimate_input_tokens(payload) + output)
+                               tokens=_hold_tokens(payload, route))
 
 
 _touched: dict[int, float] = {}  # key id -> when this process last wrote its last_used_at (monotonic)

@@ -30,6 +30,11 @@ bind = os.environ.get("WEB_BIND", "0.0.0.0:8000")
 worker_class = os.environ.get("WEB_WORKER_CLASS") or ("gevent" if _on_postgres else "gthread")
 if worker_class not in ("gevent", "gthread"):
     raise SystemExit(f"WEB_WORKER_CLASS: {worker_class!r} is not one of gevent, gthread")
+if worker_class == "gevent":
+    # Django keeps a database connection per thread, and under gevent every call is a thread of its own:
+    # a connection kept past its call would never be reused, only left open. So each call gives its
+    # connection back when it ends (to the pool when DATABASE_POOL_MAX_SIZE is set, as it should be here).
+    os.environ.setdefault("DATABASE_CONN_MAX_AGE", "0")
 # One process per core: each runs Python on one core at a time, whatever its worker class.
 workers = _int("WEB_WORKERS", multiprocessing.cpu_count())
 worker_connections = _int("WEB_CONNECTIONS", 1000)  # gevent: calls in flight per process

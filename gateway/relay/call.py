@@ -48,8 +48,15 @@ class RelayResult:
 
 
 def handle(call: RelayCall) -> RelayResult:
-    with stamps.pinned():  # one cache read for the in-memory keys and grants this call consults
-        return _handle(call)
+    # The keys and grants in memory are trusted on the stamps this process saw last, confirmed in the
+    # round trip that counts the call (governance.stamps); if they moved, the call starts again on the
+    # current ones, having counted nothing.
+    try:
+        with stamps.pinned(assume_last=True):
+            return _handle(call)
+    except stamps.Stale:
+        with stamps.pinned():
+            return _handle(call)
 
 
 def _handle(call: RelayCall) -> RelayResult:
@@ -59,6 +66,7 @@ def _handle(call: RelayCall) -> RelayResult:
         key = authenticate(call.headers, record)
         check_ip(key, call.client_ip)
         if call.endpoint == MODELS:
+            stamps.verify()
             return list_models(key)
         payload = parse_body(call)
         record.tags = collect_tags(key, call.headers, payload, record.tags)
@@ -75,7 +83,10 @@ def _handle(call: RelayCall) -> RelayResult:
             return stream_call(payload, route, client_format, record, admission, hold)
         return forward_call(payload, route, call.endpoint, client_format, record, admission, hold)
     except RelayError as error:
+        stamps.verify()  # a refusal from what memory holds stands only if memory is current
         return refuse(record, error, anthropic_client)
+    except stamps.Stale:
+        raise  # nothing was counted or answered: handle() starts the call again
     except Exception:
         log.exception("relay failed on request %s", call.request_id)
         return refuse(record, RelayError("internal_error", "Tollgate could not handle this call; it has been logged"), anthropic_client)

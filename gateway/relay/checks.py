@@ -18,6 +18,7 @@ from gateway.catalog import Route
 from gateway.errors import RelayError
 from gateway.models import ModelAlias
 from gateway.pricing import cost_of
+from governance import stamps
 from governance.models import Person
 from governance.redis import get_redis, run_parts
 from keys.actor import ActorError, verify_actor
@@ -208,19 +209,26 @@ def admit_and_reserve(key: VirtualKey, grants: list, payload: dict, route: Route
                       endpoint: str) -> tuple[ratelimit.Admission, Route, Reservation]:
     """Rate limits (step 5), then the budget hold (step 6), in one Redis round trip when both apply: the
     two scripts run as one (governance.redis.run_parts), the hold only if the limits admitted the call,
-    exactly as if they ran one after the other. Every other outcome (a budget refusal, a downgrade, a
-    missing counter, Redis down) is answered by the separate steps, which know how."""
+    exactly as if they ran one after the other, and both only if the stamps the call's in-memory keys and
+    grants were read at are still current (governance.stamps; else Stale, and the call starts again).
+    Every other outcome (a budget refusal, a downgrade, a missing counter, Redis down) is answered by the
+    separate steps, which know how."""
     limits = ratelimit.limits_for(key=key, person=record.person, team=key.team)
     plan = enforcement.reserve_plan(grants=grants, key=key, cost=worst_case_cost(payload, route),
                                     tokens=_hold_tokens(payload, route))
     client = get_redis()
     if not limits or not plan.reservation.meters or client is None:
+        stamps.verify()
         return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
     limits_part, now = ratelimit.admit_part(limits)
+    check = stamps.verification_part()  # the stamps this call assumed, confirmed before anything is counted
     try:
-        results = run_parts(client, [limits_part, plan.part()])
+        results = run_parts(client, [*([check] if check else []), limits_part, plan.part()])
     except Exception:  # unreachable: the separate steps apply their own policies (limits refuse first)
+        stamps.verify()
         return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
+    if check:
+        stamps.confirm(results.pop(0))
     try:
         admission = ratelimit.admission_from(limits, results[0], now)
     except ratelimit.LimitExceeded as exc:

@@ -42,8 +42,19 @@ def test_limits_and_the_hold_take_one_round_trip(relay, fast, key, team_grant):
     assert call(relay, key).status_code == 200  # warm: key, grants and scripts loaded
     get_redis().config_resetstat()
     assert call(relay, key).status_code == 200
-    # one script for limits + hold, one to settle; nothing else runs a script
-    assert redis_calls("evalsha") == 2 and redis_calls("eval") == 0
+    # one script for the stamps check, limits and hold, one to settle; no separate read of the stamps
+    assert redis_calls("evalsha") == 2 and redis_calls("eval") == 0 and redis_calls("mget") == 0
+
+
+def test_a_change_is_caught_by_the_counting_script_and_nothing_is_counted_twice(relay, fast, key, team_grant):
+    key.rpm_limit = 3
+    key.save()
+    assert call(relay, key).status_code == 200  # counted once; the key is in memory
+    key.rpm_limit = 2
+    key.save()  # bumps the keys stamp: the next call's assumption is stale
+    assert call(relay, key).status_code == 200  # the stale attempt counted nothing; the retry counted 2 of 2
+    refused = call(relay, key)
+    assert refused.status_code == 429 and "key limit of 2 requests" in refused.json()["error"]["message"]
 
 
 def test_a_call_refused_by_its_rate_limit_holds_no_budget(relay, fast, key, team_grant):

@@ -6,14 +6,15 @@ could change what the relay decides bumps the stamp in the shared cache after it
 and the next call on every process sees a different stamp and reloads. Revocation therefore reaches all
 processes on their next call, not after a TTL.
 
-The relay does not even spend a round trip of its own on them: a call assumes the newest stamps its process
-has seen, and the script that counts its rate limits and holds its budget first checks them, atomically,
-and counts nothing if they moved; the call then starts again with the current ones. A call that is
-refused, or that counts nothing, checks them (one MGET) before it is answered. Code outside a pinned
-block reads the stamp it asks for. Stamps live in Redis when REDIS_URL is set (a plain MGET: the Django cache's pickling
-and key versioning would double the cost of the call's cheapest round trip), else in the shared cache.
-If they cannot be read, every read returns a fresh value, so copies are rebuilt from the database on
-every call: slower, never stale.
+The relay does not even spend a round trip of its own on them: a call assumes the newest stamps its
+process has seen, and the script that counts its rate limits and holds its budget first checks them,
+atomically, and counts nothing if they moved; the call then starts again with the current ones. A call
+that is refused, or that counts nothing, checks them (one MGET) before it is answered. Code outside a
+pinned block reads the stamp it asks for.
+
+Stamps live in Redis when REDIS_URL is set (plain commands: the Django cache's pickling and key
+versioning would double the cost of a read), else in the shared cache. If they cannot be read, every
+read returns a fresh value, so copies are rebuilt from the database on every call: slower, never stale.
 """
 import contextlib
 import contextvars

@@ -47,6 +47,8 @@ class Written:
 
     def wait(self) -> LedgerEntry:
         if not self.done.wait(WAIT_SECONDS):
+            log.error("ledger writer did not commit request %s within %.0fs (%s)", self.entry.request_id,
+                      WAIT_SECONDS, _writer.describe())
             raise LedgerWriteTimeout(f"ledger writer did not commit {self.entry.request_id} within {WAIT_SECONDS:.0f}s")
         if self.error is not None:
             raise self.error
@@ -59,12 +61,20 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
+        self._busy_since = 0.0  # when the batch being written started (monotonic), 0 when idle
 
     def submit(self, entry: LedgerEntry, body: CallBody | None = None) -> Written:
         written = Written(entry, body)
         self._ensure_running()
         self._queue.put(written)
         return written
+
+    def describe(self) -> str:
+        """The writer's state, for the log line of a caller that waited too long."""
+        thread, busy_since = self._thread, self._busy_since
+        busy = f"in one batch for {time.monotonic() - busy_since:.1f}s" if busy_since else "idle"
+        return (f"writer {'running' if thread is not None and thread.is_alive() else 'not running'}, {busy}, "
+                f"{self._queue.qsize()} rows queued")
 
     def stop(self) -> None:
         """Finish what is queued, close the writer's connection and end its thread (tests, shutdown)."""
@@ -107,6 +117,7 @@ class LedgerWriter:
             connection.close()
 
     def _flush(self, batch: list[Written]) -> None:
+        self._busy_since = time.monotonic()
         try:
             _insert(batch)
         except Exception as exc:
@@ -117,6 +128,7 @@ class LedgerWriter:
                 return
             log.exception("ledger insert failed for request %s", batch[0].entry.request_id)
             batch[0].error = exc
+        self._busy_since = 0.0
         for pending in batch:
             pending.done.set()
 

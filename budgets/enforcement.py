@@ -85,17 +85,6 @@ return spent
 """
 
 
-_scripts: dict[tuple[int, str], object] = {}
-
-
-def _script(client, source: str):
-    """EVALSHA with a fallback to EVAL (redis-py's Script), so the script body is not resent on every call."""
-    handle = _scripts.get((id(client), source))
-    if handle is None:
-        handle = _scripts[(id(client), source)] = client.register_script(source)
-    return handle
-
-
 def to_units(amount: Decimal) -> int:
     return int((amount / UNIT).to_integral_value(rounding=ROUND_CEILING))
 
@@ -378,16 +367,31 @@ class Settled:
 def settle(reservation: Reservation, *, cost: Decimal, tokens: int) -> list[Settled]:
     """Release the hold and count what the call really cost. Returns each grant's spend before and after,
     for threshold alerts."""
-    if not reservation.meters or reservation.unverified:
+    part = settle_part(reservation, cost=cost, tokens=tokens)
+    if part is None:
         return []
-    keys = [k for m in reservation.meters for k in m.redis_keys()]
-    amounts = [tokens if m.unit == "tokens" else to_units(cost) for m in reservation.meters]
     try:
-        client = get_redis()
-        spent = _script(client, _SETTLE)(keys=keys, args=[reservation.hold_id, max(_ttl(m) for m in reservation.meters), *amounts])
+        result = run_parts(get_redis(), [part])[0]
     except Exception:  # the ledger row is the truth: the counter is rebuilt from it by the drift check
         log.exception("could not settle budget hold %s", reservation.hold_id)
         return []
+    return settled_from(part, reservation, result)
+
+
+def settle_part(reservation: Reservation, *, cost: Decimal, tokens: int) -> ScriptPart | None:
+    """The settle script for this reservation, to run alone (`settle`) or with others in one round trip;
+    None when there is nothing to settle in Redis."""
+    if not reservation.meters or reservation.unverified:
+        return None
+    meters = reservation.meters
+    amounts = [tokens if m.unit == "tokens" else to_units(cost) for m in meters]
+    return ScriptPart(_SETTLE, [k for m in meters for k in m.redis_keys()],
+                      [reservation.hold_id, max(_ttl(m) for m in meters), *amounts])
+
+
+def settled_from(part: ScriptPart, reservation: Reservation, spent: list) -> list[Settled]:
+    """The settle script's answer: each grant's spend before and after the call."""
+    amounts = part.args[2:]
     return [
         Settled(m.grant, m.since, (int(after) - amount) * UNIT, int(after) * UNIT)
         for m, after, amount in zip(reservation.meters, spent, amounts)

@@ -42,6 +42,15 @@ end
 return {0, used}
 """
 
+_CHARGE = """
+-- KEYS[i]: token counter; ARGV: tokens, then per counter its ttl. Returns 1.
+for i = 1, #KEYS do
+  redis.call('INCRBY', KEYS[i], ARGV[1])
+  redis.call('EXPIRE', KEYS[i], ARGV[i + 1])
+end
+return 1
+"""
+
 
 @dataclass(frozen=True)
 class Limit:
@@ -142,16 +151,20 @@ def admission_from(limits: list[Limit], result: list, now: float) -> Admission:
 
 def charge_tokens(admission: Admission, tokens: int) -> None:
     """Add the call's actual tokens to its token counters (after the call)."""
-    token_limits = [lim for lim in admission.limits if lim.unit == "tokens"]
-    if not token_limits or tokens <= 0:
+    part = charge_part(admission, tokens)
+    if part is None:
         return
-    client = get_redis()
     try:
-        pipe = client.pipeline(transaction=False)
-        for lim in token_limits:
-            key = lim.redis_key(admission.now)
-            pipe.incrby(key, tokens)
-            pipe.expire(key, WINDOWS[lim.window] + 5)
-        pipe.execute()
+        run_parts(get_redis(), [part])
     except Exception:  # the call was served and ledgered; a lost token count only makes the limit lenient once
         log.warning("could not charge %d tokens to rate-limit counters", tokens)
+
+
+def charge_part(admission: Admission, tokens: int) -> ScriptPart | None:
+    """The script adding the call's tokens to its token counters, to run alone or with others in one round
+    trip; None when no token limit applies."""
+    token_limits = [lim for lim in admission.limits if lim.unit == "tokens"]
+    if not token_limits or tokens <= 0:
+        return None
+    return ScriptPart(_CHARGE, [lim.redis_key(admission.now) for lim in token_limits],
+                      [tokens, *(WINDOWS[lim.window] + 5 for lim in token_limits)])

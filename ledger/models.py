@@ -24,25 +24,32 @@ class LedgerEntry(models.Model):
 
     # Indexes cost bytes on every row of the largest table: only what lookups need. Foreign keys that the
     # composite indexes below already lead with, or that reports reach through the rollups, carry none.
+    # Nor do they carry database constraints: a constraint makes every insert look up and lock (FOR KEY
+    # SHARE) the key, person, team, grant, ... rows that every concurrent call of that team also locks, and
+    # would refuse the row of a call whose key was deleted meanwhile. The rows they point to are never
+    # deleted while entries point to them: on_delete=PROTECT refuses it (Django checks, not the database).
     request_id = models.CharField(max_length=64)
     # No index of its own: months are partitions (pruned by created_at), lookups by key or team use the
     # composite indexes, and lists order by id, which follows time.
     created_at = models.DateTimeField()
-    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                            db_index=False, db_constraint=False)
     person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+",
-                               db_index=False)
-    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+                               db_index=False, db_constraint=False)
+    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                             db_index=False, db_constraint=False)
     grant = models.ForeignKey("budgets.Grant", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
-                              db_index=False, help_text="The most specific grant the call was charged to.")
+                              db_index=False, db_constraint=False, help_text="The most specific grant the call was charged to.")
     # Every grant charged, as ",3,7,12,": the counters are rebuilt and checked from this (LIKE works everywhere).
     grant_path = models.CharField(max_length=200, blank=True, default="")
     cost_center = models.ForeignKey("governance.CostCenter", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
-                                    db_index=False)
+                                    db_index=False, db_constraint=False)
     tags = models.JSONField(default=dict, blank=True)
     model_requested = models.CharField(max_length=120, blank=True)
-    alias = models.ForeignKey("gateway.ModelAlias", null=True, blank=True, on_delete=models.PROTECT, related_name="+", db_index=False)
+    alias = models.ForeignKey("gateway.ModelAlias", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
+                              db_index=False, db_constraint=False)
     provider_model = models.ForeignKey("gateway.ProviderModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+",
-                                       db_index=False)
+                                       db_index=False, db_constraint=False)
     input_tokens = models.PositiveIntegerField(default=0)
     output_tokens = models.PositiveIntegerField(default=0)
     cached_tokens = models.PositiveIntegerField(default=0)

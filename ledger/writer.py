@@ -14,6 +14,7 @@ its Redis counters meanwhile): `submit` returns at once, `Written.wait` returns 
 A row written inside a transaction of the caller's (services, tests) is written on the caller's
 connection instead, so it commits or rolls back with that transaction.
 """
+import functools
 import logging
 import os
 import queue
@@ -144,7 +145,7 @@ def _insert(batch: list[Written]) -> None:
     if len(batch) == 1 and batch[0].body is None:
         # One row is one statement, atomic on its own: in autocommit one round trip, where a transaction
         # would add a BEGIN and a COMMIT.
-        batch[0].entry.save(force_insert=True)
+        _insert_one(batch[0].entry)
         return
     with transaction.atomic():
         LedgerEntry.objects.bulk_create([pending.entry for pending in batch])
@@ -155,6 +156,29 @@ def _insert(batch: list[Written]) -> None:
                 bodies.append(pending.body)
         if bodies:
             CallBody.objects.bulk_create(bodies)
+
+
+def _insert_one(entry: LedgerEntry) -> None:
+    """`entry.save(force_insert=True)` without compiling the INSERT anew each time: the statement is built
+    once per process (and prepared by the server after a few uses), each field still converts its value
+    for the database itself. On the relay's path this halves the row's cost in Python."""
+    sql, fields = _insert_statement(connection.vendor)
+    values = [field.get_db_prep_save(field.pre_save(entry, True), connection) for field in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, values)
+        entry.pk = cursor.fetchone()[0] if connection.features.can_return_columns_from_insert else cursor.lastrowid
+    entry._state.adding, entry._state.db = False, connection.alias
+
+
+@functools.cache
+def _insert_statement(vendor: str) -> tuple[str, list]:
+    quote = connection.ops.quote_name
+    fields = [field for field in LedgerEntry._meta.concrete_fields if not field.primary_key]
+    sql = (f"INSERT INTO {quote(LedgerEntry._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
+           f"VALUES ({', '.join(['%s'] * len(fields))})")
+    if connection.features.can_return_columns_from_insert:
+        sql += f" RETURNING {quote(LedgerEntry._meta.pk.column)}"
+    return sql, fields
 
 
 _last_insert = 0.0

@@ -32,6 +32,7 @@ from gateway.relay.checks import (
 from gateway.relay.wire import StreamConverter, client_response, upstream_payload
 from governance import stamps
 from governance.models import BodyLogging
+from governance.redis import get_redis, run_parts
 from keys.models import VirtualKey
 from ledger.models import LedgerEntry
 from ledger.services import CallRecord, ledger_record_submit
@@ -124,8 +125,19 @@ def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
 
 
 def settle(record: CallRecord, admission, hold) -> None:
-    """Turn the budget hold into the actual cost and count the tokens against the rate limits."""
+    """Turn the budget hold into the actual cost and count the tokens against the rate limits: one Redis
+    round trip when both apply, each step on its own (with its own failure policy) when not or on error."""
     tokens = record.input_tokens + record.output_tokens
+    budget = enforcement.settle_part(hold, cost=record.cost, tokens=tokens)
+    limits = ratelimit.charge_part(admission, tokens)
+    if budget is not None and limits is not None:
+        try:
+            spent = run_parts(get_redis(), [budget, limits])[0]
+        except Exception as exc:  # the separate steps below try again, and log what still fails
+            log.warning("settling in one round trip failed (%s): settling step by step", type(exc).__name__)
+        else:
+            alerts.after_settle(enforcement.settled_from(budget, hold, spent))
+            return
     alerts.after_settle(enforcement.settle(hold, cost=record.cost, tokens=tokens))
     ratelimit.charge_tokens(admission, tokens)
 

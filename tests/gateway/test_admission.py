@@ -3,7 +3,9 @@ governance.redis.run_parts), with the same outcomes as the two steps one after t
 from decimal import Decimal
 
 import pytest
+import redis
 import requests
+from django.conf import settings
 
 from budgets import enforcement
 from budgets.models import Grant
@@ -45,6 +47,33 @@ def test_limits_and_the_hold_take_one_round_trip(relay, fast, key, team_grant):
     assert call(relay, key).status_code == 200
     # one script for the stamps check, limits and hold, one to settle; no separate read of the stamps
     assert redis_calls("evalsha") == 2 and redis_calls("eval") == 0 and redis_calls("mget") == 0
+
+
+def counter_commands_during(action) -> list[str]:
+    """The counter commands clients sent Redis while `action` ran (MONITOR), not those run inside scripts."""
+    sent = []
+    with redis.Redis.from_url(settings.REDIS_URL).monitor() as monitor:
+        action()
+        get_redis().echo("end of action")
+        while (command := monitor.next_command())["command"] != "ECHO end of action":
+            name = command["command"].split()[0].upper()
+            if command["client_type"] != "lua" and name in ("EVAL", "EVALSHA", "INCRBY", "EXPIRE", "DECRBY", "HDEL"):
+                sent.append(name)
+    return sent
+
+
+def test_settling_the_hold_and_charging_the_tokens_take_one_round_trip(relay, fast, key, team_grant):
+    key.tpm_limit = 10_000
+    key.save()
+    tokens = []
+    for _ in range(2):  # warm, as above
+        tokens.append(call(relay, key).json()["usage"]["total_tokens"])
+    sent = counter_commands_during(lambda: tokens.append(call(relay, key).json()["usage"]["total_tokens"]))
+    assert sent == ["EVALSHA", "EVALSHA"]  # counting, then settling the hold and charging the tokens
+    # both happened: the tokens of the three calls are counted, the grant is charged what the ledger says
+    assert call(relay, key).headers["x-ratelimit-remaining-tokens"] == str(10_000 - sum(tokens))
+    assert enforcement.spent_now(team_grant) == sum(e.cost for e in LedgerEntry.objects.filter(outcome="ok"))
+    assert int(get_redis().get(enforcement.meters_for([team_grant])[0].redis_keys()[1]) or 0) == 0  # no hold left
 
 
 def test_a_change_is_caught_by_the_counting_script_and_nothing_is_counted_twice(relay, fast, key, team_grant):

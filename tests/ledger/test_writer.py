@@ -2,14 +2,17 @@
 costs the others theirs, a caller's transaction keeps its row, and a broken connection is replaced."""
 import threading
 import uuid
+from decimal import Decimal
 
 import pytest
 from django.db import IntegrityError, connection, transaction
 
+from governance.models import BodyLogging
+from keys.models import VirtualKey
 from ledger import writer
 from ledger.models import CallBody, LedgerEntry
 from ledger.services import CallRecord, ledger_record
-from governance.models import BodyLogging
+from tests.keys.factories import VirtualKeyFactory
 
 
 def record(**overrides) -> CallRecord:
@@ -38,6 +41,26 @@ def test_each_caller_returns_only_after_its_row_is_committed():
         thread.join(timeout=30)
     assert errors == [] and seen_by_caller == [True] * 24
     assert LedgerEntry.objects.count() == 24
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_row_is_written_with_every_field_as_given():
+    entry = ledger_record(record(input_tokens=12, output_tokens=34, cached_tokens=5, cost=Decimal("0.00012345"),
+                                 tags={"project": "atlas", "environment": "prod"}, streamed=True, http_status=200,
+                                 outcome=LedgerEntry.Outcome.OK, upstream_latency_ms=7, detail="fine"))
+    stored = LedgerEntry.objects.get(pk=entry.pk)
+    fields = [f.attname for f in LedgerEntry._meta.concrete_fields]
+    assert {name: getattr(stored, name) for name in fields} == {name: getattr(entry, name) for name in fields}
+    assert stored.tags == {"project": "atlas", "environment": "prod"} and stored.cost == Decimal("0.00012345")
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_row_of_a_call_whose_key_was_deleted_meanwhile_is_still_written():
+    key = VirtualKeyFactory()
+    key_id = key.pk
+    key.delete()  # no entry points to it yet, so nothing protects it
+    entry = ledger_record(record(key=VirtualKey(pk=key_id), person=key.person, team=key.team))
+    assert LedgerEntry.objects.filter(pk=entry.pk, key_id=key_id, team=key.team).exists()
 
 
 @pytest.mark.django_db(transaction=True)

@@ -626,7 +626,7 @@ class Bench:
         self.procs = Processes()
         self.tmp = Path(tempfile.mkdtemp(prefix="tollgate-bench-"))
         self.env = app_env(secrets.token_urlsafe(48), _fernet_key())
-        self.stub_port, self.relay_port = free_port(), free_port()
+        self.stub_port, self.relay_port, self.bare_port = free_port(), free_port(), free_port()
         self.wrk = None if force_python else ensure_wrk()
         self.results: dict = {}
 
@@ -654,6 +654,7 @@ class Bench:
         wait_for_healthz(self.relay_port, self.gunicorn, log, timeout=60)
         self.relay_url = f"http://{HOST}:{self.relay_port}/v1/chat/completions"
         self.stub_chat_url = f"{stub_url}/chat/completions"
+        self.bare_url = f"http://{HOST}:{self.bare_port}/v1/chat/completions"
         self.relay_headers = {"Authorization": f"Bearer {self.secret}", "Content-Type": "application/json"}
         self.stub_headers = {"Authorization": "Bearer sk-bench", "Content-Type": "application/json"}
         self._smoke_test()
@@ -732,12 +733,24 @@ class Bench:
         return self._collect_python_closed(gens, timeout=seconds + 120), cpu
 
     # b. added latency
+    def _start_bare_proxy(self) -> subprocess.Popen:
+        """bench/bare_proxy.py on the relay's gunicorn set-up: the floor any Python proxy adds here."""
+        env = {**self.env, "BARE_PROXY_UPSTREAM": self.stub_chat_url}
+        log = self.tmp / "bare_proxy.log"
+        with open(log, "w") as bare_log:
+            proc = self.procs.start([GUNICORN, *self.server_args, "--bind", f"{HOST}:{self.bare_port}",
+                                     "bench.bare_proxy:application"], env=env, stdout=bare_log, stderr=subprocess.STDOUT)
+        wait_for_port(self.bare_port, proc, timeout=60)
+        return proc
+
     def latency(self) -> None:
         seconds = self.plan.latency_seconds
         print(f"\n== b. latency: open loop at {LATENCY_RATE} req/s for {seconds}s (after 1s warm-up), "
-              "direct to the stub, then through the relay")
+              "direct to the stub, through a bare proxy, then through the relay")
+        bare = self._start_bare_proxy()
         figures = {}
         for name, url, headers, model in (("direct", self.stub_chat_url, self.stub_headers, "gpt-bench"),
+                                          ("bare", self.bare_url, self.stub_headers, "gpt-bench"),
                                           ("relay", self.relay_url, self.relay_headers, "bench")):
             result = run_role(self.procs, self.tmp, "paced", {
                 "url": url, "headers": headers, "body": chat_body(model), "rate": LATENCY_RATE,
@@ -749,9 +762,15 @@ class Bench:
             f = figures[name]
             print(f"   {name:6s}: p50 {f['p50']:.2f} ms  p99 {f['p99']:.2f} ms  max {f['max']:.2f} ms  "
                   f"({f['n']} ok, {f['failed']} failed)")
+            if name == "bare":
+                self.procs.stop(bare)  # idle from here on, but it should not share the machine with the relay
         figures["added_p50"] = figures["relay"]["p50"] - figures["direct"]["p50"]
         figures["added_p99"] = figures["relay"]["p99"] - figures["direct"]["p99"]
+        floor_p50, floor_p99 = (figures["bare"][p] - figures["direct"][p] for p in ("p50", "p99"))
         print(f"   added by the relay: p50 {figures['added_p50']:.2f} ms  p99 {figures['added_p99']:.2f} ms")
+        print(f"   of which a bare proxy on the same gunicorn set-up (one more Python HTTP hop, nothing else) "
+              f"adds p50 {floor_p50:.2f} ms  p99 {floor_p99:.2f} ms; Tollgate's own work: "
+              f"p50 {figures['added_p50'] - floor_p50:.2f} ms  p99 {figures['added_p99'] - floor_p99:.2f} ms")
         self.results["latency"] = figures
 
     # c. streams

@@ -1,7 +1,9 @@
 """Resolving what a caller asked for (an alias) into the deployments to try, with their prices.
 
-The catalog changes rarely and is read on every call, so each process keeps it for
-TOLLGATE_CATALOG_CACHE_SECONDS; admin edits show up within that time on every process.
+The catalog changes rarely and is read on every call, so each process keeps it in memory, tagged with
+the catalog's stamp (governance.stamps): any write to providers, models, prices, aliases or deployments
+bumps it (gateway.apps), and every process loads the catalog again on its next call. Prices switch at
+their effective time regardless: a route carries its future prices too.
 """
 import threading
 import time
@@ -10,6 +12,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from gateway.models import ModelAlias, ModelPrice, Provider, ProviderModel
+from governance import stamps
 
 
 @dataclass(frozen=True)
@@ -36,6 +39,7 @@ class Route:
 
 _lock = threading.Lock()
 _cache: dict[str, Route] = {}
+_stamp = ""  # the catalog stamp _cache was loaded at
 _loaded_at = 0.0
 
 
@@ -57,12 +61,17 @@ def _load() -> dict[str, Route]:
 
 
 def route_for(name: str) -> Route | None:
-    global _cache, _loaded_at
-    if time.monotonic() - _loaded_at > settings.TOLLGATE_CATALOG_CACHE_SECONDS:
+    global _cache, _stamp, _loaded_at
+    stamp = stamps.current(stamps.CATALOG)  # read before loading, so a change during the load is not missed
+    if not _fresh(stamp):
         with _lock:
-            if time.monotonic() - _loaded_at > settings.TOLLGATE_CATALOG_CACHE_SECONDS:
-                _cache, _loaded_at = _load(), time.monotonic()
+            if not _fresh(stamp):
+                _cache, _stamp, _loaded_at = _load(), stamp, time.monotonic()
     return _cache.get(name)
+
+
+def _fresh(stamp: str) -> bool:
+    return stamp == _stamp and time.monotonic() - _loaded_at < settings.TOLLGATE_MEMORY_CACHE_SECONDS
 
 
 def all_routes() -> dict[str, Route]:
@@ -70,6 +79,13 @@ def all_routes() -> dict[str, Route]:
     return dict(_cache)
 
 
+def catalog_changed() -> None:
+    """Every process loads the catalog again on its next call (this one at once)."""
+    invalidate()
+    stamps.bump(stamps.CATALOG)
+
+
 def invalidate() -> None:
+    """This process loads the catalog again on its next call."""
     global _loaded_at
     _loaded_at = 0.0

@@ -210,9 +210,8 @@ if TOLLGATE_KEY_ENVIRONMENT not in ("l", "t"):
 TOLLGATE_MAX_BODY_BYTES = _env("int", "TOLLGATE_MAX_BODY_BYTES", default=8 * 1024 * 1024)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(TOLLGATE_MAX_BODY_BYTES + 1, 2_621_440)
 TOLLGATE_BODY_RETENTION_DAYS = _env("int", "TOLLGATE_BODY_RETENTION_DAYS", default=30)
-TOLLGATE_CATALOG_CACHE_SECONDS = _env("float", "TOLLGATE_CATALOG_CACHE_SECONDS", default=5.0)
-# Keys and grants in each process's memory are reloaded at once when a write bumps their stamp
-# (governance.stamps); this is only the upper bound if a bump could not be published.
+# Keys, grants and the catalog in each process's memory are reloaded at once when a write bumps their
+# stamp (governance.stamps); this is only the upper bound if a bump could not be published.
 TOLLGATE_MEMORY_CACHE_SECONDS = _env("float", "TOLLGATE_MEMORY_CACHE_SECONDS", default=60.0)
 TOLLGATE_KEY_CACHE_SIZE = _env("int", "TOLLGATE_KEY_CACHE_SIZE", default=5000)
 # Budgets

@@ -1,7 +1,7 @@
 """Version stamps: how a process's in-memory copy of rarely-changing rows learns that they changed anywhere.
 
-The relay keeps keys (with their team, owner and allowlists) and grants in each process's memory, so a
-call needs no query for them. Each such copy is tagged with the stamp it was built at; every write that
+The relay keeps keys (with their team, owner and allowlists), grants and the model catalog in each
+process's memory, so a call needs no query for them. Each such copy is tagged with the stamp it was built at; every write that
 could change what the relay decides bumps the stamp in the shared cache after its transaction commits,
 and the next call on every process sees a different stamp and reloads. Revocation therefore reaches all
 processes on their next call, not after a TTL.
@@ -30,7 +30,8 @@ log = logging.getLogger(__name__)
 
 KEYS = "stamp:keys"  # virtual keys, their teams, owners, cost centers and model allowlists
 GRANTS = "stamp:grants"  # grants and their model allowlists
-ALL = (KEYS, GRANTS)
+CATALOG = "stamp:catalog"  # providers, their models and prices, aliases and deployments
+ALL = (KEYS, GRANTS, CATALOG)
 MISSING = "initial"  # a stamp never bumped since the cache was emptied
 
 _pinned: contextvars.ContextVar["Pin | None"] = contextvars.ContextVar("pinned_stamps", default=None)

@@ -82,6 +82,14 @@ def test_web_workers_are_gevent_on_postgres_and_gthread_on_sqlite():
     assert _gunicorn_conf(DATABASE_URL="postgres://db/tollgate", WEB_WORKER_CLASS="gthread").stdout.split()[0] == "gthread"
 
 
+def test_a_started_worker_has_its_views_loaded_and_kept_out_of_full_collections():
+    code = ("import sys, gc, governance.wsgi, governance.gunicorn_conf as c; c.post_worker_init(None); "
+            "print(gc.get_freeze_count() > 0, 'gateway.api' in sys.modules)")
+    result = subprocess.run([sys.executable, "-c", code], env={**os.environ, "DEBUG": "true"}, cwd=ROOT,
+                            capture_output=True, text=True)
+    assert result.stdout.split() == ["True", "True"], result.stderr
+
+
 @pytest.mark.parametrize("name, value", [("WEB_WORKERS", "many"), ("WEB_WORKER_CLASS", "eventlet")])
 def test_a_bad_web_setting_stops_gunicorn_naming_the_variable(name, value):
     result = _gunicorn_conf(**{name: value})

@@ -1,4 +1,5 @@
-"""The relay keeps keys and grants in each process's memory (keys.selectors, budgets.enforcement); every
+"""The relay keeps keys, grants and the catalog in each process's memory (keys.selectors,
+budgets.enforcement, gateway.catalog); every
 write that changes what the relay decides must reach it on the very next call, and without its stamp store
 the relay reads the database instead of trusting what it holds."""
 from decimal import Decimal
@@ -53,6 +54,20 @@ def test_a_suspended_grant_refuses_the_next_call(relay, fast, key):
     refused = call(relay, key)
     assert code_of(refused) == "grant_suspended"
     assert LedgerEntry.objects.filter(error_code="grant_suspended").count() == 1
+
+
+def test_a_catalog_change_reaches_the_relay_on_the_next_call(relay, fast, key):
+    assert call(relay, key).status_code == 200  # the catalog is now in the relay's memory
+    price = fast.deployments.get().provider_model.prices.get()
+    price.input_per_mtok = price.output_per_mtok = Decimal("1000")
+    price.save()
+    assert call(relay, key).status_code == 200
+    first, second = LedgerEntry.objects.filter(outcome="ok").order_by("id")
+    assert second.cost > first.cost * 100  # the second call was charged the new price
+    fast.is_active = False
+    fast.save()
+    refused = call(relay, key)
+    assert refused.status_code == 404 and code_of(refused) == "model_not_found"
 
 
 def test_without_the_stamp_store_every_call_reads_the_database(relay, fast, key, settings):

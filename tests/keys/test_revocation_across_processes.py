@@ -1,6 +1,6 @@
-"""Revocation reaches every relay process within a second: a real gunicorn with several workers serves
-the relay from the test database while the key is revoked from this process (fixture in
-tests/support/relay_fixtures.py)."""
+"""Revocation, and a change to the catalog, reach every relay process at once: a real gunicorn with several
+workers serves the relay from the test database while the key is revoked, or a model added, from this
+process (fixture in tests/support/relay_fixtures.py)."""
 import time
 
 import pytest
@@ -26,3 +26,16 @@ def test_revocation_reaches_every_worker_within_a_second(relay, gunicorn, key):
     while time.monotonic() - revoked_at < 1.0:
         codes.append(call().json().get("error", {}).get("code"))
     assert codes and set(codes) == {"key_revoked"}, codes
+
+
+def test_a_new_model_is_served_by_every_worker_at_once(relay, gunicorn, key):
+    relay.alias("fast", (relay.openai_provider, "gpt-stub"))
+
+    def call(model):
+        return requests.post(f"{gunicorn}/v1/chat/completions", headers={"Authorization": f"Bearer {key.secret}", "Connection": "close"},
+                             json={"model": model, "messages": [{"role": "user", "content": "hi"}]}, timeout=10)
+
+    assert all(call("fast").status_code == 200 for _ in range(6))  # every worker holds the catalog now
+    relay.alias("fresh", (relay.openai_provider, "gpt-stub-fresh"))
+    codes = [call("fresh").status_code for _ in range(12)]
+    assert codes == [200] * 12, codes

@@ -31,6 +31,8 @@ REFUSALS: dict[str, Refusal] = {
     "request_too_large": Refusal(413, "invalid_request_error"),
     "rate_limit_exceeded": Refusal(429, "rate_limit_error"),
     "budget_exceeded": Refusal(429, "insufficient_quota"),
+    "overloaded": Refusal(503, "api_error"),
+    "service_unavailable": Refusal(503, "api_error"),
     "limits_unavailable": Refusal(503, "api_error"),
     "budget_unverifiable": Refusal(503, "api_error"),
     "upstream_rejected": Refusal(400, "invalid_request_error"),

@@ -57,6 +57,22 @@ def post_worker_init(worker):
     from django.urls import get_resolver
 
     if apps.ready:  # a Django application (the relay benchmark also serves a bare WSGI app with this file)
+        from ledger import writer
+
         get_resolver().url_patterns  # imports the views now, not on the first call
+        # The ledger writer starts now, not on the first call: it first writes what workers that died
+        # left in their journals (a worker killed mid-call is replaced by this one).
+        writer.start()
     gc.freeze()
+
+
+def worker_exit(server, worker):
+    """A worker stopping (graceful shutdown, max requests, a reload) writes its queued ledger rows and
+    closes its journal; what the database does not take now stays there for the next worker."""
+    from django.apps import apps
+
+    if apps.ready:
+        from ledger import writer
+
+        writer.stop()
 

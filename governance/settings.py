@@ -95,10 +95,17 @@ DATABASES = {
 DATABASES["default"].setdefault("CONN_MAX_AGE", _env("int", "DATABASE_CONN_MAX_AGE", default=60))
 DATABASES["default"]["CONN_HEALTH_CHECKS"] = True
 DATABASE_POOL_MAX_SIZE = _env("int", "DATABASE_POOL_MAX_SIZE", default=0)
+# How long a call waits for a pooled connection before the relay answers 503 `overloaded`.
+DATABASE_POOL_TIMEOUT = _env("float", "DATABASE_POOL_TIMEOUT", default=3.0)
+if DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
+    # A database that does not answer must fail a call in seconds, not hang it for the kernel's TCP timeout.
+    DATABASES["default"].setdefault("OPTIONS", {}).setdefault("connect_timeout", 5)
 if DATABASE_POOL_MAX_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backends.postgresql":
-    # psycopg's pool per process: threads borrow a connection per request instead of holding one each.
+    # psycopg's pool per process: calls borrow a connection for their reads and give it back before they
+    # wait on a provider (gateway.relay.call), so a pool far smaller than the calls in flight serves them.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
-    DATABASES["default"].setdefault("OPTIONS", {})["pool"] = {"min_size": 2, "max_size": DATABASE_POOL_MAX_SIZE, "timeout": 10}
+    DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 2, "max_size": DATABASE_POOL_MAX_SIZE,
+                                               "timeout": DATABASE_POOL_TIMEOUT}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web, worker and beat processes read while one of them writes.
     DATABASES["default"].setdefault("OPTIONS", {}).update(
@@ -109,6 +116,14 @@ if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # Tests get a file too, as the real run has (WAL: readers never wait for the writer), not Django's
     # shared in-memory database, where one thread's write locks the table against every other thread.
     DATABASES["default"].setdefault("TEST", {}).setdefault("NAME", str(Path(DATABASES["default"]["NAME"]).with_suffix(".test.sqlite3")))
+# The ledger writer's own connection (ledger.writer): one per process, never from the pool, so writing the
+# ledger never waits behind the calls it records. Same database; tests see it as the default's mirror.
+DATABASES["ledger"] = {
+    **DATABASES["default"],
+    "OPTIONS": {k: v for k, v in DATABASES["default"].get("OPTIONS", {}).items() if k != "pool"},
+    "CONN_MAX_AGE": None,
+    "TEST": {"MIRROR": "default"},
+}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")
@@ -214,6 +229,11 @@ TOLLGATE_BODY_RETENTION_DAYS = _env("int", "TOLLGATE_BODY_RETENTION_DAYS", defau
 # stamp (governance.stamps); this is only the upper bound if a bump could not be published.
 TOLLGATE_MEMORY_CACHE_SECONDS = _env("float", "TOLLGATE_MEMORY_CACHE_SECONDS", default=60.0)
 TOLLGATE_KEY_CACHE_SIZE = _env("int", "TOLLGATE_KEY_CACHE_SIZE", default=5000)
+# The ledger: each web process journals its calls here (ledger.journal) so a row the database cannot take
+# now, or the call of a worker that died, is written later; on a persistent volume in production.
+TOLLGATE_SPOOL_DIR = Path(env.str("TOLLGATE_SPOOL_DIR", default=str(VAR_DIR / "spool")))
+# How long a call waits for its ledger row to commit before it relies on the journal (fsynced) and answers.
+TOLLGATE_LEDGER_WAIT_SECONDS = _env("float", "TOLLGATE_LEDGER_WAIT_SECONDS", default=2.0)
 # Budgets
 TOLLGATE_HOLD_SECONDS = _env("int", "TOLLGATE_HOLD_SECONDS", default=900)
 # Reconciliation: a day x model line (and a month) drifts when both thresholds are passed.

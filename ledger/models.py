@@ -73,9 +73,14 @@ class LedgerEntry(models.Model):
     class Meta:
         ordering = ["-id"]
         verbose_name_plural = "ledger entries"
+        constraints = [
+            # A call's identity: the relay's writes are idempotent on it (INSERT ... ON CONFLICT DO NOTHING),
+            # so a row written again (a retry after an unknown outcome, a journal replayed) is never charged
+            # twice. created_at is part of it because the table is partitioned by it on PostgreSQL; a call
+            # keeps its created_at from its first write to its last. Also serves lookups by request id.
+            models.UniqueConstraint(fields=["request_id", "created_at"], name="ledger_call_once"),
+        ]
         indexes = [
-            # Exact lookups only: a hash index on PostgreSQL (migration 0011), half the size of a b-tree here.
-            models.Index(fields=["request_id"], name="ledger_request_idx"),
             models.Index(fields=["key", "created_at"], name="ledger_key_time_idx"),
             models.Index(fields=["team", "created_at"], name="ledger_team_time_idx"),
         ]

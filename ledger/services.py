@@ -1,6 +1,6 @@
 """Writes to the ledger. One entry per relay call, refusals included; bodies only when policy says so."""
 import uuid
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 from decimal import Decimal
 
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -50,26 +50,57 @@ class CallRecord:
     body_mode: str = BodyLogging.OFF
     request_text: str = ""
     response_text: str = ""
+    finished: bool = False  # its row has been handed to the ledger: a call is written once, never twice
 
 
-_ENTRY_FIELDS = sorted({f.name for f in LedgerEntry._meta.concrete_fields} & {f.name for f in fields(CallRecord)})
+def _id(obj) -> int | None:
+    return obj.pk if obj is not None else None
 
 
-def ledger_record(record: CallRecord) -> LedgerEntry:
-    """Write one call's entry (and its body when policy keeps it); committed when this returns."""
-    return ledger_record_submit(record).wait()
+def call_row(record: CallRecord) -> dict:
+    """The call's ledger row, column by column (ledger.writer.COLUMNS): the one mapping from what the relay
+    learned to what the ledger stores."""
+    return {
+        "request_id": record.request_id, "created_at": record.created_at, "key_id": _id(record.key),
+        "person_id": _id(record.person), "team_id": _id(record.team), "grant_id": _id(record.grant),
+        "grant_path": record.grant_path, "cost_center_id": _id(record.cost_center), "tags": record.tags,
+        "model_requested": record.model_requested[:120], "alias_id": _id(record.alias),
+        "provider_model_id": _id(record.provider_model), "input_tokens": record.input_tokens,
+        "output_tokens": record.output_tokens, "cached_tokens": record.cached_tokens, "cost": record.cost,
+        "latency_ms": record.latency_ms, "upstream_latency_ms": record.upstream_latency_ms,
+        "outcome": record.outcome, "http_status": record.http_status, "error_code": record.error_code[:40],
+        "detail": record.detail[:200], "client_ip": record.client_ip, "streamed": record.streamed,
+    }
+
+
+def call_body(record: CallRecord) -> dict | None:
+    """The call's prompt and response, when policy keeps them (redacted when it says so)."""
+    if record.body_mode == BodyLogging.OFF or not record.request_text:
+        return None
+    clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
+    return {"mode": record.body_mode, "request": clean(record.request_text), "response": clean(record.response_text)}
+
+
+def ledger_call_opened(record: CallRecord) -> None:
+    """Journal what is known of a call that has started (again when admission learned more), so that if
+    its process dies before the row is written, the next process writes this one, marked as lost."""
+    writer.journal_open(call_row(record))
 
 
 def ledger_record_submit(record: CallRecord) -> writer.Written:
-    """Hand one call's entry to the ledger writer; its `wait()` returns once the entry is committed."""
-    record.model_requested, record.detail = record.model_requested[:120], record.detail[:200]
-    entry = LedgerEntry(**{name: getattr(record, name) for name in _ENTRY_FIELDS})
-    body = None
-    if record.body_mode != BodyLogging.OFF and record.request_text:
-        clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
-        body = CallBody(created_at=record.created_at, mode=record.body_mode,
-                        request=clean(record.request_text), response=clean(record.response_text))
-    return writer.submit(entry, body)
+    """Hand one call's row to the ledger writer, once: `wait()` on the result for its commit."""
+    if record.finished:
+        raise RuntimeError(f"request {record.request_id} is already in the ledger")
+    record.finished = True
+    return writer.submit(call_row(record), call_body(record))
+
+
+def ledger_record(record: CallRecord) -> LedgerEntry:
+    """Write one call's entry (and its body when policy keeps it) and return it, committed."""
+    written = ledger_record_submit(record)
+    if not written.wait(timeout=30):
+        raise TimeoutError(f"the ledger row of {record.request_id} is journaled, not yet committed")
+    return LedgerEntry.objects.get(request_id=record.request_id, created_at=record.created_at)
 
 
 def call_bodies_purge(*, older_than_days: int, batch_size: int = 5000) -> int:

@@ -1,20 +1,24 @@
-"""Group commit for the relay's ledger rows: one writer thread per process, one INSERT per batch.
+"""The ledger's one sink: every relay call's row goes in here, exactly once, whatever fails.
 
-A relay call returns only after its ledger row is committed, so nothing is answered that is not in the
-ledger. Writing the row from the request thread would cost every call a pooled connection checkout, an
-INSERT round trip and a commit (an fsync) of its own. Instead the request thread queues the row and waits;
-the process's writer thread, which keeps one connection, takes every row queued since its last commit,
-inserts them with one multi-row INSERT in one transaction and wakes the waiting callers. At low load a
-batch is one row (the same work as before, minus the checkout); under load, many calls share one round
-trip and one fsync.
+One writer thread per process takes every row queued since its last commit and inserts them with one
+multi-row INSERT (group commit: under load many calls share one round trip and one fsync). It has a
+database connection of its own (the `ledger` alias: never from the pool), so writing the ledger never
+waits behind the calls it records, and no call lends it one.
 
-A caller may do other work between handing the row over and waiting for its commit (the relay settles
-its Redis counters meanwhile): `submit` returns at once, `Written.wait` returns once the row is in.
+Every insert is idempotent: `ON CONFLICT (request_id, created_at) DO NOTHING` on the ledger's unique
+call identity. So a write whose outcome is unknown (the connection broke mid-commit) is simply tried
+again, and so is a row recovered from a journal (ledger.journal) that may already be in. While the
+database refuses, the writer keeps its rows and tries again with backoff; the rows are in the process's
+journal meanwhile, and a caller that stops waiting (TOLLGATE_LEDGER_WAIT_SECONDS) fsyncs it before it
+answers. A row the database rejects for what it holds (not for being unreachable) fails alone, never
+its batch: it is kept in `rejected.jsonl` in the spool directory and logged, never dropped.
 
 A row written inside a transaction of the caller's (services, tests) is written on the caller's
 connection instead, so it commits or rolls back with that transaction.
 """
+import contextlib
 import functools
+import json
 import logging
 import os
 import queue
@@ -22,38 +26,56 @@ import threading
 import time
 from dataclasses import dataclass, field
 
-from django.db import connection, transaction
+from django.conf import settings
+from django.db import InterfaceError, OperationalError, connection, connections, transaction
 
+from ledger import journal as journals
 from ledger.models import CallBody, LedgerEntry
 
 log = logging.getLogger(__name__)
 
+ALIAS = "ledger"  # governance.settings: the default database, on a connection of the writer's own
 MAX_BATCH = 256  # rows per INSERT; under any load a batch is far smaller, this only bounds a backlog
-WAIT_SECONDS = 30.0  # a caller never waits longer than this for its commit (the writer is stuck or gone)
 IDLE_CHECK_SECONDS = 5.0  # the writer's connection is health-checked before use after this long unused
+RECOVER_EVERY_SECONDS = 10.0  # how often a writer looks for journals left by processes that died
+RETRY_MAX_SECONDS = 2.0  # the longest pause between two tries while the database refuses
 
-
-class LedgerWriteTimeout(Exception):
-    """The ledger writer did not confirm the commit in time; the row may or may not be written."""
+# The ledger columns a call's row fills, in the INSERT's order (ledger.services.call_row builds the row).
+COLUMNS = (
+    "request_id", "created_at", "key_id", "person_id", "team_id", "grant_id", "grant_path", "cost_center_id",
+    "tags", "model_requested", "alias_id", "provider_model_id", "input_tokens", "output_tokens", "cached_tokens",
+    "cost", "latency_ms", "upstream_latency_ms", "outcome", "http_status", "error_code", "detail", "client_ip",
+    "streamed",
+)
 
 
 @dataclass(eq=False)
 class Written:
-    """A row handed to the writer; `wait` returns the entry once committed, or raises why it was not."""
+    """A row handed to the writer. `wait` says whether it was committed in time; either way it is kept."""
 
-    entry: LedgerEntry
-    body: CallBody | None
+    row: dict
+    body: dict | None = None
     done: threading.Event = field(default_factory=threading.Event)
-    error: BaseException | None = None
+    committed: bool = False
 
-    def wait(self) -> LedgerEntry:
-        if not self.done.wait(WAIT_SECONDS):
-            log.error("ledger writer did not commit request %s within %.0fs (%s)", self.entry.request_id,
-                      WAIT_SECONDS, _writer.describe())
-            raise LedgerWriteTimeout(f"ledger writer did not commit {self.entry.request_id} within {WAIT_SECONDS:.0f}s")
-        if self.error is not None:
-            raise self.error
-        return self.entry
+    @property
+    def key(self) -> str:
+        return journals.call_key(self.row)
+
+    def wait(self, timeout: float | None = None) -> bool:
+        """True once the row is committed (or known to be in). False when it is not yet, after `timeout`
+        (default TOLLGATE_LEDGER_WAIT_SECONDS) or at once while the database is refusing: the journal is
+        then fsynced, so the row survives anything and is written when the database takes it."""
+        if not self.done.is_set():
+            wait = settings.TOLLGATE_LEDGER_WAIT_SECONDS if timeout is None else timeout
+            if not _writer.healthy:
+                wait = min(wait, 0.05)  # the writer is retrying: the row waits in the journal, not the caller
+            if not self.done.wait(wait):
+                _writer.journal.sync()
+                log.warning("ledger row of request %s kept in the journal until the database takes it (%s)",
+                            self.row["request_id"], _writer.describe())
+                return False
+        return self.committed
 
 
 class LedgerWriter:
@@ -62,28 +84,39 @@ class LedgerWriter:
         self._lock = threading.Lock()
         self._thread: threading.Thread | None = None
         self._pid: int | None = None
-        self._busy_since = 0.0  # when the batch being written started (monotonic), 0 when idle
+        self._stopping = False
+        self._last_used = 0.0
+        self.healthy = True  # False while the database refuses the writer's inserts
+        self.journal = journals.Journal(settings.TOLLGATE_SPOOL_DIR)
 
-    def submit(self, entry: LedgerEntry, body: CallBody | None = None) -> Written:
-        written = Written(entry, body)
+    def submit(self, row: dict, body: dict | None = None) -> Written:
+        written = Written(row, body)
+        self.journal.row(row, body)  # before the queue: from here on the row survives this process
         self._ensure_running()
         self._queue.put(written)
         return written
 
     def describe(self) -> str:
-        """The writer's state, for the log line of a caller that waited too long."""
-        thread, busy_since = self._thread, self._busy_since
-        busy = f"in one batch for {time.monotonic() - busy_since:.1f}s" if busy_since else "idle"
-        return (f"writer {'running' if thread is not None and thread.is_alive() else 'not running'}, {busy}, "
-                f"{self._queue.qsize()} rows queued")
+        thread = self._thread
+        return (f"writer {'running' if thread is not None and thread.is_alive() else 'not running'}, "
+                f"database {'ok' if self.healthy else 'refusing'}, {self._queue.qsize()} rows queued, "
+                f"{self.journal.pending()} calls journaled")
+
+    def start(self) -> None:
+        """Start the writer now (a web worker at boot): it first writes what dead processes left behind."""
+        self._ensure_running()
 
     def stop(self) -> None:
-        """Finish what is queued, close the writer's connection and end its thread (tests, shutdown)."""
+        """Finish what is queued (unless the database refuses: the journal keeps it), close the writer's
+        connection and files, end its thread (tests, shutdown)."""
         with self._lock:
             thread, self._thread = self._thread, None
         if thread is not None and thread.is_alive() and self._pid == os.getpid():
+            self._stopping = True
             self._queue.put(None)
-            thread.join(timeout=WAIT_SECONDS)
+            thread.join(timeout=30)
+            self._stopping = False
+        self.journal.close()
 
     def _ensure_running(self) -> None:
         # A forked worker (gunicorn) inherits the object but not the thread: it starts its own.
@@ -98,106 +131,178 @@ class LedgerWriter:
 
     def _run(self) -> None:
         source = self._queue
+        next_recovery = 0.0
         try:
             while True:
-                first = source.get()
+                if time.monotonic() >= next_recovery:
+                    self._recover()
+                    next_recovery = time.monotonic() + RECOVER_EVERY_SECONDS
+                try:
+                    first = source.get(timeout=RECOVER_EVERY_SECONDS)
+                except queue.Empty:
+                    continue
                 if first is None:
                     return
-                batch = [first]
+                batch, stop = [first], False
                 while len(batch) < MAX_BATCH:
                     try:
                         item = source.get_nowait()
                     except queue.Empty:
                         break
                     if item is None:
-                        source.put(None)  # stop after this batch
+                        stop = True
                         break
                     batch.append(item)
                 self._flush(batch)
+                if stop:
+                    return
         finally:
-            connection.close()
+            connections[ALIAS].close()
 
     def _flush(self, batch: list[Written]) -> None:
-        self._busy_since = time.monotonic()
-        try:
-            _insert(batch)
-        except Exception as exc:
-            connection.close_if_unusable_or_obsolete()  # a broken connection is replaced on the next batch
-            if len(batch) > 1:  # one bad row must not cost the others their entry: write them one by one
-                for pending in batch:
-                    self._flush([pending])
-                return
-            log.exception("ledger insert failed for request %s", batch[0].entry.request_id)
-            batch[0].error = exc
-        self._busy_since = 0.0
-        for pending in batch:
+        """Write the batch, trying again while the database is unreachable; mark what is in as done."""
+        delay = 0.05
+        while True:
+            try:
+                written = self._write(batch)
+                break
+            except (OperationalError, InterfaceError) as exc:  # unreachable or restarting: keep the rows
+                _close_quietly()
+                if self.healthy:
+                    log.error("ledger writer: the database refuses (%s); %d rows wait in the journal and are "
+                              "written when it is back", exc.__class__.__name__, len(batch))
+                self.healthy = False
+                if self._stopping:
+                    return  # shutting down: the journal keeps them for the next start
+                time.sleep(delay)
+                delay = min(delay * 2, RETRY_MAX_SECONDS)
+        if not self.healthy:
+            log.warning("ledger writer: the database takes rows again")
+        self.healthy = True
+        self.journal.done(p.key for p in written)
+        for pending in written:
+            pending.committed = True
             pending.done.set()
 
+    def _write(self, batch: list[Written]) -> list[Written]:
+        """Insert the batch; a row the database rejects for its content is set aside alone. Returns the
+        rows that are now in the ledger (or set aside)."""
+        try:
+            _insert(connections[ALIAS], [(p.row, p.body) for p in batch], idle_check=self._idle_check())
+            return batch
+        except (OperationalError, InterfaceError):
+            raise
+        except Exception as exc:  # DataError, IntegrityError, ... or a bug: never the writer's end
+            _close_quietly()
+            if len(batch) > 1:  # one bad row must not cost the others their entry: write them one by one
+                return [p for pending in batch for p in self._write([pending])]
+            _reject(batch[0].row, batch[0].body, exc)
+            return batch
 
-def _insert(batch: list[Written]) -> None:
-    global _last_insert
-    # No retry after a failure: a connection that breaks mid-commit leaves it unknown whether the rows are
-    # in, and a retry could charge them twice. Instead a connection idle for a while, the kind a database
-    # restart or a firewall has dropped, is checked (Django's health check) before it is used.
-    if time.monotonic() - _last_insert > IDLE_CHECK_SECONDS:
-        connection.close_if_unusable_or_obsolete()
-    _last_insert = time.monotonic()
-    if len(batch) == 1 and batch[0].body is None:
-        # One row is one statement, atomic on its own: in autocommit one round trip, where a transaction
-        # would add a BEGIN and a COMMIT.
-        _insert_one(batch[0].entry)
-        return
-    with transaction.atomic():
-        LedgerEntry.objects.bulk_create([pending.entry for pending in batch])
-        bodies = []
-        for pending in batch:
-            if pending.body is not None:
-                pending.body.entry_id = pending.entry.pk
-                bodies.append(pending.body)
-        if bodies:
-            CallBody.objects.bulk_create(bodies)
+    def _idle_check(self) -> bool:
+        idle = time.monotonic() - self._last_used > IDLE_CHECK_SECONDS
+        self._last_used = time.monotonic()
+        return idle
+
+    def _recover(self) -> None:
+        def write(rows, opened):
+            _insert(connections[ALIAS], [*rows, *((_lost_row(row), None) for row in opened)], idle_check=True)
+
+        try:
+            journals.recover(settings.TOLLGATE_SPOOL_DIR, self.journal, write)
+        except (OperationalError, InterfaceError):
+            _close_quietly()  # the database is down: the files stay for the next round
+        except Exception:
+            log.exception("ledger writer: recovering journals failed; they are kept for the next round")
 
 
-def _insert_one(entry: LedgerEntry) -> None:
-    """`entry.save(force_insert=True)` without compiling the INSERT anew each time: the statement is built
-    once per process (and prepared by the server after a few uses), each field still converts its value
-    for the database itself. On the relay's path this halves the row's cost in Python."""
-    sql, fields = _insert_statement(connection.vendor)
-    values = [field.get_db_prep_save(field.pre_save(entry, True), connection) for field in fields]
-    with connection.cursor() as cursor:
-        cursor.execute(sql, values)
-        entry.pk = cursor.fetchone()[0] if connection.features.can_return_columns_from_insert else cursor.lastrowid
-    entry._state.adding, entry._state.db = False, connection.alias
+def _lost_row(row: dict) -> dict:
+    """The row of a call whose process died before it finished: what is known of it, nothing charged."""
+    return {**row, "outcome": LedgerEntry.Outcome.UPSTREAM_ERROR, "http_status": 502, "error_code": "worker_lost",
+            "detail": "the web worker serving this call stopped before it finished; usage unknown, nothing charged",
+            "cost": "0", "input_tokens": 0, "output_tokens": 0, "cached_tokens": 0}
+
+
+def _close_quietly() -> None:
+    try:
+        connections[ALIAS].close()
+    except Exception:  # already broken: nothing to give back
+        pass
+
+
+def _reject(row: dict, body: dict | None, exc: Exception) -> None:
+    """A row the database will never take as it is: kept, fsynced, beside the journals, for IT to fix."""
+    path = settings.TOLLGATE_SPOOL_DIR / "rejected.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a", encoding="utf-8") as handle:
+        handle.write(json.dumps({"row": row, "body": body, "error": str(exc)[:500]}, default=str) + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
+    log.error("ledger row of request %s rejected by the database (%s): kept in %s", row.get("request_id"),
+              exc.__class__.__name__, path)
 
 
 @functools.cache
-def _insert_statement(vendor: str) -> tuple[str, list]:
+def _fields() -> list:
+    by_column = {f.column: f for f in LedgerEntry._meta.concrete_fields}
+    return [by_column[column] for column in COLUMNS]
+
+
+@functools.cache
+def _statement(vendor: str, rows: int, returning: bool) -> str:
     quote = connection.ops.quote_name
-    fields = [field for field in LedgerEntry._meta.concrete_fields if not field.primary_key]
-    sql = (f"INSERT INTO {quote(LedgerEntry._meta.db_table)} ({', '.join(quote(f.column) for f in fields)}) "
-           f"VALUES ({', '.join(['%s'] * len(fields))})")
-    if connection.features.can_return_columns_from_insert:
-        sql += f" RETURNING {quote(LedgerEntry._meta.pk.column)}"
-    return sql, fields
+    placeholders = "(" + ", ".join(["%s"] * len(COLUMNS)) + ")"
+    sql = (f"INSERT INTO {quote(LedgerEntry._meta.db_table)} ({', '.join(quote(c) for c in COLUMNS)}) "
+           f"VALUES {', '.join([placeholders] * rows)} ON CONFLICT (request_id, created_at) DO NOTHING")
+    return sql + (" RETURNING id" if returning else "")
 
 
-_last_insert = 0.0
+def _params(db, row: dict) -> list:
+    return [f.get_db_prep_save(f.to_python(row[c]) if c != "tags" else row[c], db) for c, f in zip(COLUMNS, _fields())]
+
+
+def _insert(db, rows: list[tuple[dict, dict | None]], *, idle_check: bool) -> None:
+    """Insert rows (and their bodies) on `db`, each at most once ever. Rows already in are skipped."""
+    if idle_check:
+        db.close_if_unusable_or_obsolete()  # a connection a database restart or a firewall dropped
+    plain = [row for row, body in rows if body is None]
+    with_body = [(row, body) for row, body in rows if body is not None]
+    # One statement is atomic on its own (in autocommit one round trip, where a transaction would add a
+    # BEGIN and a COMMIT); a row with its body needs both statements in one transaction.
+    with transaction.atomic(using=db.alias) if with_body or len(plain) > MAX_BATCH else contextlib.nullcontext():
+        with db.cursor() as cursor:
+            for start in range(0, len(plain), MAX_BATCH):
+                chunk = plain[start:start + MAX_BATCH]
+                cursor.execute(_statement(db.vendor, len(chunk), False), [v for row in chunk for v in _params(db, row)])
+            for row, body in with_body:
+                cursor.execute(_statement(db.vendor, 1, True), _params(db, row))
+                inserted = cursor.fetchone()
+                if inserted is not None:  # None: the row was in already, with its body
+                    CallBody.objects.using(db.alias).create(
+                        entry_id=inserted[0], created_at=_fields()[1].to_python(row["created_at"]), mode=body["mode"],
+                        request=body["request"], response=body["response"])
+
 
 _writer = LedgerWriter()
 stop = _writer.stop
+start = _writer.start
 
 
-def submit(entry: LedgerEntry, body: CallBody | None = None) -> Written:
-    """Hand over a ledger entry (and its body) to be inserted; wait on the result for the commit. Inside a
-    transaction of the caller's, the insert joins that transaction, at once; otherwise it goes through the
-    process's writer (group commit)."""
+def submit(row: dict, body: dict | None = None) -> Written:
+    """Hand over a call's row (and its body) to be inserted; `wait()` on the result for the commit. Inside
+    a transaction of the caller's, the insert joins that transaction, at once; otherwise it goes through
+    the process's writer (group commit)."""
     if not connection.in_atomic_block:
-        return _writer.submit(entry, body)
-    written = Written(entry, body)
-    with transaction.atomic():
-        entry.save(force_insert=True)
-        if body is not None:
-            body.entry = entry
-            body.save(force_insert=True)
+        return _writer.submit(row, body)
+    written = Written(row, body)
+    _insert(connection, [(row, body)], idle_check=False)
+    written.committed = True
     written.done.set()
     return written
+
+
+def journal_open(row: dict) -> None:
+    """The call has started (or learned more): if this process dies before its row is written, the next
+    process writes this one, marked as lost."""
+    if not connection.in_atomic_block:
+        _writer.journal.open(row)

@@ -7,6 +7,15 @@ from django.conf import settings
 pytest_plugins = ["tests.support.relay_fixtures"]
 
 
+def pytest_configure(config):
+    # Transactional tests run the relay as it runs (the ledger writer thread, on the `ledger` alias: the
+    # test database's mirror); tests inside one transaction write rows on their own connection instead.
+    import django.test
+
+    django.test.TransactionTestCase.databases = {"default", "ledger"}
+    django.test.TestCase.databases = {"default"}
+
+
 def _on_postgres() -> bool:
     return settings.DATABASES["default"]["ENGINE"].endswith("postgresql")
 
@@ -32,12 +41,16 @@ def _celery_runs_tasks_inline():
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _ledger_writer_stopped_before_teardown(django_db_setup, django_db_blocker):
-    """The ledger writer thread keeps a database connection; close it before the test database is
-    dropped (PostgreSQL refuses to drop a database with open connections)."""
-    yield
-    from ledger import writer
+def _ledger_writer_stopped_before_teardown(django_db_setup, django_db_blocker, tmp_path_factory):
+    """The ledger journals of this run in a directory of its own (a journal left by an earlier run must
+    not be written into this run's database), and the writer thread stopped, its connection closed,
+    before the test database is dropped (PostgreSQL refuses to drop a database with open connections)."""
+    from ledger import journal, writer
 
+    spool = tmp_path_factory.mktemp("spool")
+    settings.TOLLGATE_SPOOL_DIR = spool
+    writer._writer.journal = journal.Journal(spool)
+    yield
     writer.stop()
 
 

@@ -5,7 +5,9 @@ import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from django.db import DatabaseError
 from django.db import connection as db_connection
+from psycopg_pool import PoolTimeout
 
 from budgets import alerts, enforcement
 from gateway import catalog, providers, ratelimit, translate
@@ -35,7 +37,7 @@ from governance.models import BodyLogging
 from governance.redis import get_redis, run_parts
 from keys.models import VirtualKey
 from ledger.models import LedgerEntry
-from ledger.services import CallRecord, ledger_record_submit
+from ledger.services import CallRecord, ledger_call_opened, ledger_record_submit
 
 log = logging.getLogger(__name__)
 
@@ -49,26 +51,44 @@ class RelayResult:
 
 
 def handle(call: RelayCall) -> RelayResult:
-    # The keys and grants in memory are trusted on the stamps this process saw last, confirmed in the
-    # round trip that counts the call (governance.stamps); if they moved, the call starts again on the
-    # current ones, having counted nothing.
+    """Answer one call. Whatever happens, the call ends in exactly one ledger row: its identity (request
+    id and start time) is fixed here, journaled before anything else (ledger.journal), and written once."""
+    record = _new_record(call)
+    ledger_call_opened(record)
     try:
-        with stamps.pinned(assume_last=True):
-            return _handle(call)
-    except stamps.Stale:
-        with stamps.pinned():
-            return _handle(call)
+        # The keys and grants in memory are trusted on the stamps this process saw last, confirmed in the
+        # round trip that counts the call (governance.stamps); if they moved, the call starts again on
+        # the current ones, having counted nothing, as the same call (same identity, one row).
+        try:
+            with stamps.pinned(assume_last=True):
+                return _handle(call, record)
+        except stamps.Stale:
+            record = _new_record(call, created_at=record.created_at)
+            with stamps.pinned():
+                return _handle(call, record)
+    except Exception:
+        log.exception("relay failed on request %s", call.request_id)
+        error = RelayError("internal_error", "Tollgate could not handle this call; it has been logged")
+        if record.finished:  # written already: answer the error, never write the call twice
+            return RelayResult(error.status, body=error.body(anthropic=call.endpoint == MESSAGES))
+        return refuse(record, error, call.endpoint == MESSAGES)
 
 
-def _handle(call: RelayCall) -> RelayResult:
+def _new_record(call: RelayCall, created_at=None) -> CallRecord:
     record = CallRecord(request_id=call.request_id, client_ip=call.client_ip, started=time.perf_counter())
+    if created_at is not None:
+        record.created_at = created_at
+    return record
+
+
+def _handle(call: RelayCall, record: CallRecord) -> RelayResult:
     anthropic_client = call.endpoint == MESSAGES
     try:
         key = authenticate(call.headers, record)
         check_ip(key, call.client_ip)
         if call.endpoint == MODELS:
             stamps.verify()
-            return list_models(key)
+            return list_models(key, record)
         payload = parse_body(call)
         record.tags = collect_tags(key, call.headers, payload, record.tags)
         route = resolve_model(payload, key, call.endpoint, record)
@@ -78,7 +98,13 @@ def _handle(call: RelayCall) -> RelayResult:
         if record.body_mode != BodyLogging.OFF:
             record.request_text = call.body.decode("utf-8", "replace")
         admission, route, hold = admit_and_reserve(key, grants, payload, route, record, call.endpoint)
-        touch_key(key)
+        try:
+            touch_key(key)
+            ledger_call_opened(record)  # with what admission learned: who, which grants, which model
+            release_db_connection()
+        except BaseException:
+            enforcement.release(hold)
+            raise
         client_format = providers.WIRE_ANTHROPIC if anthropic_client else providers.WIRE_OPENAI
         if payload.get("stream") and call.endpoint != EMBEDDINGS:
             return stream_call(payload, route, client_format, record, admission, hold)
@@ -86,34 +112,48 @@ def _handle(call: RelayCall) -> RelayResult:
     except RelayError as error:
         stamps.verify()  # a refusal from what memory holds stands only if memory is current
         return refuse(record, error, anthropic_client)
-    except stamps.Stale:
-        raise  # nothing was counted or answered: handle() starts the call again
-    except Exception:
-        log.exception("relay failed on request %s", call.request_id)
-        return refuse(record, RelayError("internal_error", "Tollgate could not handle this call; it has been logged"), anthropic_client)
+    except DatabaseError as exc:  # before the provider: nothing was held (admission reads, then holds)
+        return refuse(record, _database_refusal(exc), anthropic_client)
+
+
+def _database_refusal(exc: DatabaseError) -> RelayError:
+    """The database could not serve the call's reads: overloaded (no pooled connection in time) or down."""
+    release_db_connection()
+    if isinstance(exc.__cause__, PoolTimeout):
+        return RelayError("overloaded", "Tollgate is overloaded right now; retry shortly", headers={"Retry-After": "1"})
+    log.warning("relay: the database could not serve a call's reads (%s)", type(exc).__name__)
+    return RelayError("service_unavailable", "Tollgate cannot reach its database right now; retry shortly",
+                      headers={"Retry-After": "5"})
+
+
+def release_db_connection() -> None:
+    """Give the call's database connection back before it waits on a provider or the ledger writer: to
+    the pool (DATABASE_POOL_MAX_SIZE), or closed when it would not outlive the call anyway. A call then
+    holds one only for its reads, so a pool far smaller than the calls in flight serves them all."""
+    if db_connection.in_atomic_block or db_connection.connection is None:
+        return
+    if getattr(db_connection, "pool", None) is not None or not db_connection.settings_dict.get("CONN_MAX_AGE"):
+        db_connection.close()
 
 
 def refuse(record: CallRecord, error: RelayError, anthropic_client: bool) -> RelayResult:
     upstream = error.code.startswith("upstream") or error.code == "internal_error"
     record.outcome = LedgerEntry.Outcome.UPSTREAM_ERROR if upstream else LedgerEntry.Outcome.REFUSED
     record.http_status, record.error_code, record.detail = error.status, error.code, error.message
-    try:
-        finish(record)
-    except Exception:  # the client still gets its JSON error; the lost ledger row is logged for IT to chase
-        log.exception("LEDGER WRITE FAILED for refused request %s (%s)", record.request_id, error.code)
+    finish(record)
     return RelayResult(error.status, body=error.body(anthropic=anthropic_client), headers=error.headers)
 
 
-def finish(record: CallRecord, *, meanwhile: Callable[[], None] | None = None) -> None:
-    """Write the call's ledger entry, committed when this returns. `meanwhile` (settling the counters in
-    Redis) runs while the insert is under way, so the call waits for the slower of the two, not both."""
+def finish(record: CallRecord, *, then: Callable[[], None] | None = None) -> None:
+    """Write the call's ledger row: committed when this returns, or, if the database does not take it in
+    time, fsynced in the journal and written when it does (ledger.writer). Then `then` (settling the
+    counters in Redis) runs: after the commit, so a counter rebuilt from the ledger meanwhile already
+    holds this call and is not charged it twice (budgets.enforcement)."""
     record.latency_ms = int((time.perf_counter() - record.started) * 1000)
     written = ledger_record_submit(record)
-    try:
-        if meanwhile is not None:
-            meanwhile()
-    finally:
-        written.wait()
+    written.wait()
+    if then is not None:
+        then()
 
 
 def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
@@ -179,7 +219,7 @@ def forward_call(payload, route, endpoint, client_format, record, admission, hol
     price(record, target, usage)
     if record.body_mode != BodyLogging.OFF:
         record.response_text = json.dumps(response, ensure_ascii=False)
-    finish(record, meanwhile=lambda: settle(record, admission, hold))
+    finish(record, then=lambda: settle(record, admission, hold))
     return RelayResult(200, body=response, headers={**admission.headers(), "x-tollgate-model": target.provider_model.name})
 
 
@@ -190,9 +230,6 @@ def stream_call(payload, route, client_format, record, admission, hold) -> Relay
     except BaseException:
         enforcement.release(hold)
         raise
-    # A stream can last minutes; give the database connection back meanwhile (the ledger write at the end
-    # takes one again), so hundreds of open streams do not pin hundreds of connections.
-    db_connection.close()
     converter = StreamConverter(payload, target, client_format, record.request_id)
     headers = {**admission.headers(), "x-tollgate-model": target.provider_model.name, "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
@@ -205,7 +242,7 @@ def stream_call(payload, route, client_format, record, admission, hold) -> Relay
         price(record, target, converter.usage())
         if record.body_mode != BodyLogging.OFF:
             record.response_text = "".join(converter.text)
-        finish(record, meanwhile=lambda: settle(record, admission, hold))
+        finish(record, then=lambda: settle(record, admission, hold))
 
     def fail(code: str, message: str) -> bytes:
         record.outcome, record.http_status, record.error_code, record.detail = (
@@ -243,12 +280,13 @@ def stream_call(payload, route, client_format, record, admission, hold) -> Relay
     return RelayResult(200, stream=body(), headers=headers)
 
 
-def list_models(key: VirtualKey) -> RelayResult:
+def list_models(key: VirtualKey, record: CallRecord) -> RelayResult:
     allowed = allowed_alias_ids(key)
     data = [
         {"id": name, "object": "model", "created": 0, "owned_by": "tollgate"}
         for name, route in sorted(catalog.all_routes().items())
         if allowed is None or route.alias.pk in allowed
     ]
+    finish(record)  # every call to /v1 has its row, model lists included
     return RelayResult(200, body={"object": "list", "data": data})
 

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from decimal import Decimal
 
 from django.conf import settings
+from django.db import DatabaseError
 from django.utils import timezone
 
 from budgets import alerts, enforcement
@@ -325,4 +326,7 @@ def touch_key(key: VirtualKey) -> None:
     if len(_touched) > 100_000:  # bounded: forget everything rather than grow with the number of keys
         _touched.clear()
     _touched[key.pk] = now
-    VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+    try:
+        VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
+    except DatabaseError:  # a report's hint, not worth refusing a call the database cannot serve meanwhile
+        log.warning("could not record that key %s was used (database unavailable)", key.prefix)

@@ -1,17 +1,21 @@
-"""The ledger writer (group commit): a call's row is committed before the call returns, one bad row never
-costs the others theirs, a caller's transaction keeps its row, and a broken connection is replaced."""
+"""The ledger writer (group commit, idempotent): a call's row is committed before the call returns, once
+however often it is written, kept while the database refuses and written when it is back; one bad row
+never costs the others theirs; a dead process's journal is written once; a caller's transaction keeps its
+row; a broken connection is replaced."""
+import json
 import threading
+import time
 import uuid
 from decimal import Decimal
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import connection, connections, transaction
 
 from governance.models import BodyLogging
 from keys.models import VirtualKey
 from ledger import writer
 from ledger.models import CallBody, LedgerEntry
-from ledger.services import CallRecord, ledger_record
+from ledger.services import CallRecord, call_row, ledger_record
 from tests.keys.factories import VirtualKeyFactory
 
 
@@ -71,24 +75,95 @@ def test_a_body_kept_by_policy_is_written_with_its_entry():
 
 
 @pytest.mark.django_db(transaction=True)
-def test_one_bad_row_in_a_batch_fails_only_its_own_call():
+def test_one_bad_row_in_a_batch_is_set_aside_alone_and_kept(settings, tmp_path):
     from ledger.writer import LedgerWriter, Written
 
-    good = [Written(LedgerEntry(**_entry_fields()), None) for _ in range(3)]
-    bad = Written(LedgerEntry(**{**_entry_fields(), "outcome": None}), None)  # violates NOT NULL
+    settings.TOLLGATE_SPOOL_DIR = tmp_path
+    good = [Written(call_row(record())) for _ in range(3)]
+    bad = Written({**call_row(record()), "outcome": None})  # violates NOT NULL
     batch = [good[0], bad, *good[1:]]
     try:
         LedgerWriter()._flush(batch)
     finally:
-        connection.close()
-    assert all(p.done.is_set() for p in batch)
-    assert isinstance(bad.error, IntegrityError) and all(p.error is None for p in good)
-    assert set(LedgerEntry.objects.values_list("request_id", flat=True)) == {p.entry.request_id for p in good}
+        connections["ledger"].close()
+    assert all(p.done.is_set() and p.committed for p in batch)
+    assert set(LedgerEntry.objects.values_list("request_id", flat=True)) == {p.row["request_id"] for p in good}
+    kept = [json.loads(line) for line in (tmp_path / "rejected.jsonl").read_text().splitlines()]
+    assert [line["row"]["request_id"] for line in kept] == [bad.row["request_id"]]
 
 
-def _entry_fields() -> dict:
-    return {"request_id": uuid.uuid4().hex, "created_at": record().created_at, "outcome": LedgerEntry.Outcome.OK,
-            "http_status": 200}
+@pytest.mark.django_db(transaction=True)
+def test_a_row_written_twice_is_in_the_ledger_once():
+    call = record(cost=Decimal("0.25"))
+    row = call_row(call)
+    for _ in range(3):  # a retry after an unknown outcome, a journal replayed after a crash
+        assert writer.submit(dict(row)).wait(timeout=10)
+    assert LedgerEntry.objects.filter(request_id=call.request_id).count() == 1
+
+
+@pytest.mark.django_db(transaction=True)
+def test_rows_wait_while_the_database_refuses_and_are_written_once_it_is_back():
+    from django.db import connections as handler
+
+    ledger_db = handler.settings["ledger"]
+    real = ledger_db.get("PORT"), ledger_db.get("NAME")
+    calls = [record() for _ in range(5)]
+    try:
+        if handler["default"].vendor == "postgresql":
+            ledger_db["PORT"] = "1"  # nothing listens there: every connection attempt is refused
+        else:
+            ledger_db["NAME"] = "/nonexistent/dir/ledger.sqlite3"
+        writer.stop()  # the next batch opens a new connection, as after a database restart
+        started = time.monotonic()
+        waited = [writer.submit(call_row(call)).wait(timeout=0.5) for call in calls]
+        assert waited == [False] * 5 and time.monotonic() - started < 5  # callers are not held up
+        assert not LedgerEntry.objects.exists()
+    finally:
+        ledger_db["PORT"], ledger_db["NAME"] = real
+    deadline = time.monotonic() + 15
+    while LedgerEntry.objects.count() < 5 and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert sorted(LedgerEntry.objects.values_list("request_id", flat=True)) == sorted(c.request_id for c in calls)
+
+
+@pytest.mark.django_db(transaction=True)
+def test_a_dead_processs_journal_is_written_once_with_its_lost_calls(tmp_path):
+    from ledger import journal as journals
+
+    dead = journals.Journal(tmp_path)
+    served, lost, committed = record(cost=Decimal("0.5")), record(), record()
+    dead.open(call_row(served))
+    dead.row(call_row(served))
+    dead.open(call_row(lost))  # the worker died while the provider was answering this one
+    ledger_record(committed)  # in the ledger, but its process died before it journaled "done"
+    dead.row(call_row(committed))
+    for segment in {id(s): s for s in dead._segments.values()}.values():
+        segment.close()  # the process is gone: its lock with it
+
+    def write(rows, opened):
+        writer._insert(connections["ledger"], [*rows, *((writer._lost_row(row), None) for row in opened)],
+                       idle_check=False)
+
+    try:
+        assert journals.recover(tmp_path, journals.Journal(tmp_path / "other"), write) == 3
+        assert journals.recover(tmp_path, journals.Journal(tmp_path / "other"), write) == 0  # the file is gone
+    finally:
+        connections["ledger"].close()
+    entries = {e.request_id: e for e in LedgerEntry.objects.all()}
+    assert len(entries) == LedgerEntry.objects.count() == 3
+    assert entries[served.request_id].cost == Decimal("0.5") and entries[served.request_id].outcome == "ok"
+    assert (entries[lost.request_id].error_code, entries[lost.request_id].cost) == ("worker_lost", Decimal(0))
+
+
+def test_a_live_processs_journal_is_left_alone(tmp_path):
+    from ledger import journal as journals
+
+    alive = journals.Journal(tmp_path)
+    alive.open(call_row(record()))
+    touched = []
+    assert journals.recover(tmp_path, journals.Journal(tmp_path / "other"), lambda *a: touched.append(a)) == 0
+    assert touched == [] and len(list(tmp_path.glob("*.journal"))) == 1
+    alive.close()
 
 
 @pytest.mark.django_db

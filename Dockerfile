@@ -29,7 +29,7 @@ RUN DEBUG=0 \
     TOLLGATE_VAR_DIR=/tmp/build-var \
     python manage.py collectstatic --noinput \
  && rm -rf /tmp/build-var \
- && install -d -o tollgate -g tollgate /app/var
+ && install -d -o tollgate -g tollgate /app/var /app/var/spool
 
 # Source and collected static files stay root-owned (read-only to the app); only var/ and $HOME are writable.
 USER 10001:10001

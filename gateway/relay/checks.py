@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from budgets import alerts, enforcement
 from budgets.enforcement import BudgetRefused, Reservation
-from gateway import catalog, ratelimit
+from gateway import catalog, providers, ratelimit, tokens
 from gateway.catalog import Route
 from gateway.errors import RelayError
 from gateway.models import ModelAlias
@@ -160,14 +160,10 @@ def check_request(payload: dict, route: Route, endpoint: str) -> None:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise RelayError("invalid_request", "'messages' is required: a non-empty list of message objects")
-    if endpoint == MESSAGES and not isinstance(payload.get("max_tokens"), int):
-        raise RelayError("invalid_request", "'max_tokens' is required: an integer")
-    requested = payload.get("max_completion_tokens") or payload.get("max_tokens")
-    if requested is not None:
-        if not isinstance(requested, int) or requested < 1:
-            raise RelayError("invalid_request", "'max_tokens' must be a positive integer")
-        if requested > route.max_output_tokens:
-            raise RelayError("max_tokens_too_large", f"max_tokens {requested} is over this model's limit of {route.max_output_tokens}")
+    try:
+        tokens.validate_output_fields(payload, endpoint=endpoint, model_max_output=route.max_output_tokens)
+    except tokens.TokenFieldError as exc:
+        raise RelayError(exc.code, exc.message) from None
 
 
 def collect_tags(key: VirtualKey, headers: Mapping[str, str], payload: dict, actor_tags: dict) -> dict:
@@ -215,8 +211,8 @@ def admit_and_reserve(key: VirtualKey, grants: list, payload: dict, route: Route
     Every other outcome (a budget refusal, a downgrade, a missing counter, Redis down) is answered by the
     separate steps, which know how."""
     limits = ratelimit.limits_for(key=key, person=record.person, team=key.team)
-    plan = enforcement.reserve_plan(grants=grants, key=key, cost=worst_case_cost(payload, route),
-                                    tokens=_hold_tokens(payload, route))
+    hold = hold_for(payload, route, endpoint)
+    plan = enforcement.reserve_plan(grants=grants, key=key, cost=hold.cost, tokens=hold.tokens)
     client = get_redis()
     if not limits or not plan.reservation.meters or client is None:
         stamps.verify()
@@ -243,17 +239,31 @@ def admit_and_reserve(key: VirtualKey, grants: list, payload: dict, route: Route
 
 
 def estimate_input_tokens(payload: dict) -> int:
-    """An upper-leaning estimate (3 characters a token) for holds and for usage a provider never reported."""
+    """A rough estimate (3 characters a token) of the input of a stream cut before the provider reported
+    its usage. Never used for holds: `hold_for` is an upper bound."""
     text = json.dumps(payload.get("messages") or payload.get("input") or "", ensure_ascii=False)
     return len(text) // 3 + 1
 
 
-def worst_case_cost(payload: dict, route: Route) -> Decimal:
-    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
+@dataclass(frozen=True)
+class Hold:
+    """What a call holds on its budgets before it is forwarded: an upper bound on what settle can charge,
+    whichever of the model's deployments serves it (gateway.tokens)."""
+
+    cost: Decimal
+    tokens: int
+
+
+def hold_for(payload: dict, route: Route, endpoint: str) -> Hold:
+    output = tokens.output_token_bound(payload, endpoint=endpoint, model_max_output=route.max_output_tokens)
     now = timezone.now()
-    return max(
-        cost_of(t.price_at(now), input_tokens=estimate_input_tokens(payload), output_tokens=output) for t in route.targets
-    )
+    cost, most_tokens = Decimal(0), 0
+    for target in route.targets:
+        wire = providers.wire_format(target.provider)
+        given = tokens.input_token_bound(payload, wire=wire, model_name=target.provider_model.name, endpoint=endpoint)
+        cost = max(cost, cost_of(target.price_at(now), input_tokens=given, output_tokens=output))
+        most_tokens = max(most_tokens, given + output)
+    return Hold(cost, most_tokens)
 
 
 def check_grants(key: VirtualKey, route: Route, record: CallRecord) -> list:
@@ -272,7 +282,7 @@ def reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: 
     """Hold the worst case on every covering grant. A production grant set to downgrade re-routes a premium
     model to its cheaper one and tries once more before refusing."""
     try:
-        reservation = _reserve(key, grants, payload, route)
+        reservation = _reserve(key, grants, payload, route, endpoint)
     except BudgetRefused as exc:
         grant = exc.grant
         downgrade = (exc.code == "budget_exceeded" and grant is not None and grant.grant_class == grant.GrantClass.PRODUCTION
@@ -285,7 +295,7 @@ def reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: 
             raise RelayError(exc.code, exc.message) from None
         check_request(payload, cheaper, endpoint)
         try:
-            reservation = _reserve(key, grants, payload, cheaper)
+            reservation = _reserve(key, grants, payload, cheaper, endpoint)
         except BudgetRefused as again:
             raise RelayError(again.code, again.message) from None
         record.alias, route = cheaper.alias, cheaper
@@ -303,14 +313,9 @@ def _record_reservation(reservation: Reservation, record: CallRecord) -> None:
         alerts.page_over_cap(grant)
 
 
-def _hold_tokens(payload: dict, route: Route) -> int:
-    output = payload.get("max_completion_tokens") or payload.get("max_tokens") or route.max_output_tokens
-    return estimate_input_tokens(payload) + output
-
-
-def _reserve(key, grants, payload, route) -> Reservation:
-    return enforcement.reserve(grants=grants, key=key, cost=worst_case_cost(payload, route),
-                               tokens=_hold_tokens(payload, route))
+def _reserve(key, grants, payload, route, endpoint) -> Reservation:
+    hold = hold_for(payload, route, endpoint)
+    return enforcement.reserve(grants=grants, key=key, cost=hold.cost, tokens=hold.tokens)
 
 
 _touched: dict[int, float] = {}  # key id -> when this process last wrote its last_used_at (monotonic)

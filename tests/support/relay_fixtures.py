@@ -111,7 +111,7 @@ def _free_port() -> int:
 
 
 @pytest.fixture
-def gunicorn(relay):
+def gunicorn(relay, tmp_path):
     """The relay as it runs in production (governance/gunicorn_conf.py: gevent workers on PostgreSQL), with three
     worker processes, on the test database
     (PostgreSQL only: the test must commit its data, so use it with transactional tests)."""
@@ -123,7 +123,7 @@ def gunicorn(relay):
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": url, "DEBUG": "false", "SECRET_KEY": settings.SECRET_KEY,
            "TOLLGATE_ENCRYPTION_KEYS": ",".join(settings.TOLLGATE_ENCRYPTION_KEYS), "SECURE_SSL_REDIRECT": "false",
-           "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING"}
+           "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING", "TOLLGATE_SPOOL_DIR": str(tmp_path / "spool")}
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "python:governance.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
          "--workers", "3"],

@@ -205,15 +205,20 @@ class LedgerWriter:
         return idle
 
     def _recover(self) -> None:
-        def write(rows, opened):
-            _insert(connections[ALIAS], [*rows, *((_lost_row(row), None) for row in opened)], idle_check=True)
-
         try:
-            journals.recover(settings.TOLLGATE_SPOOL_DIR, self.journal, write)
+            recover(settings.TOLLGATE_SPOOL_DIR)
         except (OperationalError, InterfaceError):
             _close_quietly()  # the database is down: the files stay for the next round
         except Exception:
             log.exception("ledger writer: recovering journals failed; they are kept for the next round")
+
+
+def recover(directory) -> int:
+    """Write what the journals of stopped processes in `directory` still hold; returns how many calls."""
+    def write(rows, opened):
+        _insert(connections[ALIAS], [*rows, *((_lost_row(row), None) for row in opened)], idle_check=True)
+
+    return journals.recover(directory, _writer.journal, write)
 
 
 def _lost_row(row: dict) -> dict:

@@ -97,6 +97,9 @@ def _handle(call: RelayCall, record: CallRecord) -> RelayResult:
         record.body_mode = key.effective_body_logging
         if record.body_mode != BodyLogging.OFF:
             record.request_text = call.body.decode("utf-8", "replace")
+        # Reads are done: give the connection back before admission, which may wait (a counter being rebuilt
+        # by another call, which needs a connection to read the ledger) and, once admitted, on the provider.
+        release_db_connection()
         admission, route, hold = admit_and_reserve(key, grants, payload, route, record, call.endpoint)
         try:
             touch_key(key)

@@ -145,16 +145,20 @@ class Grant(models.Model):
 
 
 class GrantAlert(models.Model):
-    """One alert sent: the unique constraint makes each threshold go out once per period, whoever races."""
+    """One alert raised: the unique constraint makes each threshold go out once per period, whoever races.
+    A pending alert was raised but not sent yet (it could not be queued, or its sending failed);
+    budgets.alerts.deliver_pending sends it."""
 
     grant = models.ForeignKey(Grant, on_delete=models.CASCADE, related_name="alerts")
     period_start = models.DateTimeField()
     kind = models.CharField(max_length=16, help_text="A threshold percent ('80'), 'forecast' or 'page'.")
     spent = models.DecimalField(max_digits=14, decimal_places=2)
-    sent_at = models.DateTimeField(auto_now_add=True)
+    sent_at = models.DateTimeField(auto_now_add=True, help_text="When it was sent; for a pending alert, when it was raised.")
+    pending = models.BooleanField(default=False, help_text="Raised but not sent yet.")
 
     class Meta:
         constraints = [models.UniqueConstraint(fields=["grant", "period_start", "kind"], name="grant_alert_once_per_period")]
+        indexes = [models.Index(fields=["sent_at"], condition=models.Q(pending=True), name="grant_alert_pending_idx")]
         ordering = ["-sent_at"]
 
     def __str__(self) -> str:

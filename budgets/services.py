@@ -8,9 +8,10 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
+from django.db.models import Sum
 from django.utils import timezone
 
-from budgets.enforcement import UNIT, meters_for
+from budgets.enforcement import UNIT, Meter, meters_for, to_units
 from budgets.models import Grant, IncreaseRequest, grants_changed
 from governance import roles
 from governance.audit import audit_record, snapshot
@@ -167,8 +168,9 @@ class CounterReport:
 
 
 def grant_counters_verify(*, repair: bool = True) -> CounterReport:
-    """Compare every active grant's counter for this period with the ledger; report (and repair) drift.
-    The repair is a compare-and-set, so a call settling meanwhile is never overwritten."""
+    """Compare this period's counter of every active grant, and of every key with a monthly budget, with the
+    ledger; report (and repair) drift. The repair is a compare-and-set, so a call settling meanwhile is
+    never overwritten. A missing counter is left alone: it is rebuilt from the ledger on its next use."""
     report = CounterReport()
     client = get_redis()
     if client is None:
@@ -176,18 +178,43 @@ def grant_counters_verify(*, repair: bool = True) -> CounterReport:
     for grant in Grant.objects.filter(status=Grant.Status.ACTIVE):
         for meter in meters_for([grant]):
             report.checked += 1
-            key = meter.redis_keys()[0]
-            counter = client.get(key)
-            if counter is None:
-                continue  # rebuilt from the ledger on its next use
-            ledger = meter.ledger_total()
-            if int(counter) != ledger:
-                report.drift.append((meter.base, int(counter), ledger))
-                if repair:
-                    client.eval(_COMPARE_AND_SET, 1, key, int(counter), ledger)
+            counter = client.get(meter.redis_keys()[0])
+            if counter is not None:
+                _compare(client, meter, int(counter), meter.ledger_total(), report, repair=repair)
+    _verify_key_counters(client, report, repair=repair)
     for base, counter, ledger in report.drift:
         log.warning("budget counter %s drifted: %d units counted, %d in the ledger", base, counter, ledger)
         audit_record(actor=None, actor_label="counter check", action="grant.counter_repair",
                      after={"counter": base, "counted": str(counter * UNIT), "ledger": str(ledger * UNIT)})
     return report
 
+
+def _verify_key_counters(client, report: CounterReport, *, repair: bool, batch_size: int = 1000) -> None:
+    """Keys' own monthly caps: all in the same month, so their counters are read with one MGET and their
+    ledger totals with one grouped query per batch, however many keys there are."""
+    from keys.models import VirtualKey
+    from ledger.models import LedgerEntry
+
+    keys = VirtualKey.objects.filter(monthly_budget__isnull=False).order_by("pk")
+    last_pk = 0
+    while batch := list(keys.filter(pk__gt=last_pk)[:batch_size]):
+        last_pk = batch[-1].pk
+        meters = [meters_for([], key)[0] for key in batch]
+        report.checked += len(meters)
+        counted = {m.key_id: int(c) for m, c in zip(meters, client.mget([m.redis_keys()[0] for m in meters])) if c is not None}
+        if not counted:
+            continue
+        since = meters[0].since
+        ledger = dict(LedgerEntry.objects.filter(created_at__gte=since, key_id__in=counted).order_by()
+                      .values_list("key_id").annotate(total=Sum("cost")))
+        for meter in meters:
+            if meter.key_id in counted:
+                _compare(client, meter, counted[meter.key_id], to_units(ledger.get(meter.key_id) or Decimal(0)), report,
+                         repair=repair)
+
+
+def _compare(client, meter: Meter, counter: int, ledger: int, report: CounterReport, *, repair: bool) -> None:
+    if counter != ledger:
+        report.drift.append((meter.base, counter, ledger))
+        if repair:
+            client.eval(_COMPARE_AND_SET, 1, meter.redis_keys()[0], counter, ledger)

@@ -11,6 +11,12 @@ def send_grant_alert(grant_id: int, since_iso: str, kind: str, spent: str) -> bo
 
 
 @shared_task
+def deliver_pending_grant_alerts() -> int:
+    """Alerts kept in the database while they could not be queued (budgets.alerts); every minute from beat."""
+    return alerts.deliver_pending()
+
+
+@shared_task
 def forecast_grant_spend() -> int:
     return alerts.forecast_alerts()
 

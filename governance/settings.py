@@ -157,6 +157,7 @@ CELERY_BEAT_SCHEDULE = {
     "expire-keys-and-grants": {"task": "keys.tasks.expire_keys_and_grants", "schedule": 3600.0},
     "report-unused-keys": {"task": "keys.tasks.report_unused_keys", "schedule": 7 * 86400.0},
     "verify-grant-counters": {"task": "budgets.tasks.verify_grant_counters", "schedule": 3600.0},
+    "deliver-pending-grant-alerts": {"task": "budgets.tasks.deliver_pending_grant_alerts", "schedule": 60.0},
     "forecast-grant-spend": {"task": "budgets.tasks.forecast_grant_spend", "schedule": 86400.0},
     "rollup-ledger": {"task": "ledger.tasks.rollup_ledger", "schedule": 300.0},
     "maintain-ledger-partitions": {"task": "ledger.tasks.maintain_ledger_partitions", "schedule": 86400.0},

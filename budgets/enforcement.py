@@ -38,7 +38,7 @@ from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
 
 from django.conf import settings
-from django.db import connection, transaction
+from django.db import DatabaseError, connection, transaction
 from django.db.models import Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -436,7 +436,15 @@ def _ttl(meter: Meter) -> int:
 def reserve(*, grants: list[Grant], key, cost: Decimal, tokens: int, call: tuple[str, datetime] | None = None) -> Reservation:
     """Hold the call's worst case on every meter at once, or raise BudgetRefused naming the grant at its cap.
     `call` is the identity of the call's ledger row (request_id, created_at): see `reserve_plan`."""
-    plan = reserve_plan(grants=grants, key=key, cost=cost, tokens=tokens, call=call)
+    return hold(reserve_plan(grants=grants, key=key, cost=cost, tokens=tokens, call=call))
+
+
+def hold(plan: "ReservePlan") -> Reservation:
+    """Make a planned hold on its own: the path of a hold whose counter must first be rebuilt from the ledger,
+    and of a second try on a cheaper model. The relay's normal case runs `plan.part()` in its admission
+    script instead (gateway.admission). Redis unreachable: each grant decides (`unverified`). A ledger that
+    cannot be read for a rebuild (no database connection in time) raises DatabaseError: the call is refused
+    as overloaded, not as unverifiable."""
     if not plan.reservation.meters:
         return plan.reservation
     client = get_redis()
@@ -444,8 +452,10 @@ def reserve(*, grants: list[Grant], key, cost: Decimal, tokens: int, call: tuple
         if client is None:
             raise ConnectionError("REDIS_URL is not set")
         result = _run_reserve(client, plan)
+    except DatabaseError:
+        raise
     except Exception as exc:  # Redis down or unreachable: each grant says whether to admit or refuse
-        return _unverified(plan, key, exc)
+        return unverified(plan, exc)
     return reservation_from(plan, result)
 
 
@@ -510,8 +520,10 @@ class CounterMissing(Exception):
     """A meter's counter does not exist yet in Redis (new period, or Redis lost its data)."""
 
 
-def _unverified(plan: ReservePlan, key, exc: Exception) -> Reservation:
-    grants, reservation = plan.reservation.grants, plan.reservation
+def unverified(plan: ReservePlan, exc: Exception) -> Reservation:
+    """Redis cannot be reached: a grant that fails closed (experimentation, or a key's own cap) refuses the
+    call; production grants admit it unchecked (the caller pages IT)."""
+    grants, reservation, key = plan.reservation.grants, plan.reservation, plan.key
     closed = [g for g in grants if not g.fails_open] + ([] if not key.monthly_budget else [None])
     if closed:
         who = f"grant '{closed[0].name}'" if closed[0] else f"key {key.prefix}'s monthly budget"

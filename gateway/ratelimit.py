@@ -149,17 +149,6 @@ def admission_from(limits: list[Limit], result: list, now: float) -> Admission:
     return Admission(limits=limits, used=[int(v) for v in result[1]], now=now)
 
 
-def charge_tokens(admission: Admission, tokens: int) -> None:
-    """Add the call's actual tokens to its token counters (after the call)."""
-    part = charge_part(admission, tokens)
-    if part is None:
-        return
-    try:
-        run_parts(get_redis(), [part])
-    except Exception:  # the call was served and ledgered; a lost token count only makes the limit lenient once
-        log.warning("could not charge %d tokens to rate-limit counters", tokens)
-
-
 def charge_part(admission: Admission, tokens: int) -> ScriptPart | None:
     """The script adding the call's tokens to its token counters, to run alone or with others in one round
     trip; None when no token limit applies."""

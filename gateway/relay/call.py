@@ -9,8 +9,7 @@ from django.db import DatabaseError
 from django.db import connection as db_connection
 from psycopg_pool import PoolTimeout
 
-from budgets import alerts, enforcement
-from gateway import catalog, providers, ratelimit, translate
+from gateway import admission, catalog, providers, translate
 from gateway.catalog import Target
 from gateway.errors import RelayError
 from gateway.pricing import cost_of
@@ -34,7 +33,6 @@ from gateway.relay.checks import (
 from gateway.relay.wire import StreamConverter, client_response, upstream_payload
 from governance import stamps
 from governance.models import BodyLogging
-from governance.redis import get_redis, run_parts
 from keys.models import VirtualKey
 from ledger.models import LedgerEntry
 from ledger.services import CallRecord, ledger_call_opened, ledger_record_submit
@@ -100,18 +98,18 @@ def _handle(call: RelayCall, record: CallRecord) -> RelayResult:
         # Reads are done: give the connection back before admission, which may wait (a counter being rebuilt
         # by another call, which needs a connection to read the ledger) and, once admitted, on the provider.
         release_db_connection()
-        admission, route, hold = admit_and_reserve(key, grants, payload, route, record, call.endpoint)
+        admitted, route = admit_and_reserve(key, grants, payload, route, record, call.endpoint)
         try:
             touch_key(key)
             ledger_call_opened(record)  # with what admission learned: who, which grants, which model
             release_db_connection()
         except BaseException:
-            enforcement.release(hold)
+            admission.release(admitted)
             raise
         client_format = providers.WIRE_ANTHROPIC if anthropic_client else providers.WIRE_OPENAI
         if payload.get("stream") and call.endpoint != EMBEDDINGS:
-            return stream_call(payload, route, client_format, record, admission, hold)
-        return forward_call(payload, route, call.endpoint, client_format, record, admission, hold)
+            return stream_call(payload, route, client_format, record, admitted)
+        return forward_call(payload, route, call.endpoint, client_format, record, admitted)
     except RelayError as error:
         stamps.verify()  # a refusal from what memory holds stands only if memory is current
         return refuse(record, error, anthropic_client)
@@ -147,16 +145,15 @@ def refuse(record: CallRecord, error: RelayError, anthropic_client: bool) -> Rel
     return RelayResult(error.status, body=error.body(anthropic=anthropic_client), headers=error.headers)
 
 
-def finish(record: CallRecord, *, then: Callable[[], None] | None = None) -> None:
+def finish(record: CallRecord, *, then: Callable[[bool], None] | None = None) -> None:
     """Write the call's ledger row: committed when this returns, or, if the database does not take it in
     time, fsynced in the journal and written when it does (ledger.writer). Then `then` (settling the
     counters in Redis) runs: after the commit, so a counter rebuilt from the ledger meanwhile already
     holds this call and is not charged it twice (budgets.enforcement)."""
     record.latency_ms = int((time.perf_counter() - record.started) * 1000)
-    written = ledger_record_submit(record)
-    written.wait()
+    committed = ledger_record_submit(record).wait()
     if then is not None:
-        then()
+        then(committed)
 
 
 def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
@@ -165,24 +162,6 @@ def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
     record.input_tokens, record.output_tokens, record.cached_tokens = usage.input_tokens, usage.output_tokens, usage.cached_tokens
     record.cost = cost_of(target.price_at(record.created_at), input_tokens=usage.input_tokens,
                           output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens)
-
-
-def settle(record: CallRecord, admission, hold) -> None:
-    """Turn the budget hold into the actual cost and count the tokens against the rate limits: one Redis
-    round trip when both apply, each step on its own (with its own failure policy) when not or on error."""
-    tokens = record.input_tokens + record.output_tokens
-    budget = enforcement.settle_part(hold, cost=record.cost, tokens=tokens)
-    limits = ratelimit.charge_part(admission, tokens)
-    if budget is not None and limits is not None:
-        try:
-            spent = run_parts(get_redis(), [budget, limits])[0]
-        except Exception as exc:  # the separate steps below try again, and log what still fails
-            log.warning("settling in one round trip failed (%s): settling step by step", type(exc).__name__)
-        else:
-            alerts.after_settle(enforcement.settled_from(budget, hold, spent))
-            return
-    alerts.after_settle(enforcement.settle(hold, cost=record.cost, tokens=tokens))
-    ratelimit.charge_tokens(admission, tokens)
 
 
 def _send_with_fallback(targets, payload, client_format, endpoint, stream, record):
@@ -209,7 +188,12 @@ def _send_with_fallback(targets, payload, client_format, endpoint, stream, recor
     raise RelayError(failure.code, failure.message)
 
 
-def forward_call(payload, route, endpoint, client_format, record, admission, hold) -> RelayResult:
+def settle(record: CallRecord, admitted: admission.Admitted, row_committed: bool) -> None:
+    admission.settle(admitted, cost=record.cost, tokens=record.input_tokens + record.output_tokens,
+                     row_committed=row_committed)
+
+
+def forward_call(payload, route, endpoint, client_format, record, admitted) -> RelayResult:
     try:
         target, body = _send_with_fallback(route.targets, payload, client_format, endpoint, False, record)
         try:
@@ -217,24 +201,24 @@ def forward_call(payload, route, endpoint, client_format, record, admission, hol
         except (KeyError, TypeError, ValueError, AttributeError):
             raise RelayError("upstream_error", f"{target.provider.name} sent a response Tollgate could not read") from None
     except BaseException:
-        enforcement.release(hold)
+        admission.release(admitted)
         raise
     price(record, target, usage)
     if record.body_mode != BodyLogging.OFF:
         record.response_text = json.dumps(response, ensure_ascii=False)
-    finish(record, then=lambda: settle(record, admission, hold))
-    return RelayResult(200, body=response, headers={**admission.headers(), "x-tollgate-model": target.provider_model.name})
+    finish(record, then=lambda committed: settle(record, admitted, committed))
+    return RelayResult(200, body=response, headers={**admitted.headers(), "x-tollgate-model": target.provider_model.name})
 
 
-def stream_call(payload, route, client_format, record, admission, hold) -> RelayResult:
+def stream_call(payload, route, client_format, record, admitted) -> RelayResult:
     record.streamed = True
     try:
         target, upstream = _send_with_fallback(route.targets, payload, client_format, CHAT, True, record)
     except BaseException:
-        enforcement.release(hold)
+        admission.release(admitted)
         raise
     converter = StreamConverter(payload, target, client_format, record.request_id)
-    headers = {**admission.headers(), "x-tollgate-model": target.provider_model.name, "Cache-Control": "no-cache",
+    headers = {**admitted.headers(), "x-tollgate-model": target.provider_model.name, "Cache-Control": "no-cache",
                "X-Accel-Buffering": "no"}
 
     recorded = False
@@ -245,7 +229,7 @@ def stream_call(payload, route, client_format, record, admission, hold) -> Relay
         price(record, target, converter.usage())
         if record.body_mode != BodyLogging.OFF:
             record.response_text = "".join(converter.text)
-        finish(record, then=lambda: settle(record, admission, hold))
+        finish(record, then=lambda committed: settle(record, admitted, committed))
 
     def fail(code: str, message: str) -> bytes:
         record.outcome, record.http_status, record.error_code, record.detail = (

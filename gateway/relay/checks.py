@@ -14,14 +14,12 @@ from django.utils import timezone
 
 from budgets import alerts, enforcement
 from budgets.enforcement import BudgetRefused, Reservation
-from gateway import catalog, providers, ratelimit, tokens
+from gateway import admission, catalog, providers, tokens
 from gateway.catalog import Route
 from gateway.errors import RelayError
 from gateway.models import ModelAlias
 from gateway.pricing import cost_of
-from governance import stamps
 from governance.models import Person
-from governance.redis import get_redis, run_parts
 from keys.actor import ActorError, verify_actor
 from keys.models import VirtualKey
 from keys.selectors import key_by_secret
@@ -188,54 +186,36 @@ def collect_tags(key: VirtualKey, headers: Mapping[str, str], payload: dict, act
     return {k: v[:64] for k, v in tags.items() if v}
 
 
-def admit(key: VirtualKey, person: Person | None) -> ratelimit.Admission:
-    try:
-        return ratelimit.admit(ratelimit.limits_for(key=key, person=person, team=key.team))
-    except ratelimit.LimitExceeded as exc:
-        raise _rate_refusal(exc) from None
-    except ratelimit.LimitsUnavailable as exc:
-        raise RelayError("limits_unavailable", f"limits cannot be checked right now: {exc}") from None
-
-
-def _rate_refusal(exc: ratelimit.LimitExceeded) -> RelayError:
-    return RelayError("rate_limit_exceeded", f"{exc.limit.describe()} reached; retry after {exc.retry_after}s",
-                      headers={"Retry-After": str(exc.retry_after)})
-
-
 def admit_and_reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: CallRecord,
-                      endpoint: str) -> tuple[ratelimit.Admission, Route, Reservation]:
-    """Rate limits (step 5), then the budget hold (step 6), in one Redis round trip when both apply: the
-    two scripts run as one (governance.redis.run_parts), the hold only if the limits admitted the call,
-    exactly as if they ran one after the other, and both only if the stamps the call's in-memory keys and
-    grants were read at are still current (governance.stamps; else Stale, and the call starts again).
-    Every other outcome (a budget refusal, a downgrade, a missing counter, Redis down) is answered by the
-    separate steps, which know how."""
-    limits = ratelimit.limits_for(key=key, person=record.person, team=key.team)
+                      endpoint: str) -> tuple[admission.Admitted, Route]:
+    """Rate limits (step 5), then the budget hold (step 6): one round trip (gateway.admission). A production
+    grant set to downgrade re-routes a premium model to its cheaper one and holds once more before refusing."""
     hold = hold_for(payload, route, endpoint)
-    plan = enforcement.reserve_plan(grants=grants, key=key, cost=hold.cost, tokens=hold.tokens)
-    client = get_redis()
-    if not limits or not plan.reservation.meters or client is None:
-        stamps.verify()
-        return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
-    limits_part, now = ratelimit.admit_part(limits)
-    check = stamps.verification_part()  # the stamps this call assumed, confirmed before anything is counted
+    call = (record.request_id, record.created_at)
     try:
-        results = run_parts(client, [*([check] if check else []), limits_part, plan.part()])
-    except Exception:  # unreachable: the separate steps apply their own policies (limits refuse first)
-        stamps.verify()
-        return admit(key, record.person), *reserve(key, grants, payload, route, record, endpoint)
-    if check:
-        stamps.confirm(results.pop(0))
-    try:
-        admission = ratelimit.admission_from(limits, results[0], now)
-    except ratelimit.LimitExceeded as exc:
-        raise _rate_refusal(exc) from None
-    try:
-        reservation = enforcement.reservation_from(plan, results[1])
-    except (BudgetRefused, enforcement.CounterMissing):
-        return admission, *reserve(key, grants, payload, route, record, endpoint)
-    _record_reservation(reservation, record)
-    return admission, route, reservation
+        admitted = admission.admit(key=key, person=record.person, team=key.team, grants=grants, cost=hold.cost,
+                                   tokens=hold.tokens, call=call)
+    except admission.Refused as refused:
+        exc, grant = refused.refusal, refused.refusal.grant
+        downgrade = (exc.code == "budget_exceeded" and grant is not None and grant.grant_class == grant.GrantClass.PRODUCTION
+                     and grant.on_cap == grant.OnCap.DOWNGRADE and grant.downgrade_to is not None
+                     and route.alias.tier == ModelAlias.Tier.PREMIUM)
+        cheaper = catalog.route_for(grant.downgrade_to.name) if downgrade else None
+        if cheaper is None:
+            if exc.code == "budget_exceeded" and grant is not None:
+                alerts.cap_reached(grant)
+            raise RelayError(exc.code, exc.message) from None
+        check_request(payload, cheaper, endpoint)
+        hold = hold_for(payload, cheaper, endpoint)
+        try:
+            admitted = admission.hold_again(refused.limits, key=key, grants=grants, cost=hold.cost, tokens=hold.tokens,
+                                            call=call)
+        except admission.Refused as again:
+            raise RelayError(again.refusal.code, again.refusal.message) from None
+        record.alias, route = cheaper.alias, cheaper
+        record.detail = f"downgraded from '{payload['model']}' to '{cheaper.alias.name}' by grant '{grant.name}'"
+    _record_reservation(admitted.hold, record)
+    return admitted, route
 
 
 def estimate_input_tokens(payload: dict) -> int:
@@ -278,32 +258,6 @@ def check_grants(key: VirtualKey, route: Route, record: CallRecord) -> list:
     return grants
 
 
-def reserve(key: VirtualKey, grants: list, payload: dict, route: Route, record: CallRecord, endpoint: str) -> tuple[Route, Reservation]:
-    """Hold the worst case on every covering grant. A production grant set to downgrade re-routes a premium
-    model to its cheaper one and tries once more before refusing."""
-    try:
-        reservation = _reserve(key, grants, payload, route, endpoint)
-    except BudgetRefused as exc:
-        grant = exc.grant
-        downgrade = (exc.code == "budget_exceeded" and grant is not None and grant.grant_class == grant.GrantClass.PRODUCTION
-                     and grant.on_cap == grant.OnCap.DOWNGRADE and grant.downgrade_to is not None
-                     and route.alias.tier == ModelAlias.Tier.PREMIUM)
-        cheaper = catalog.route_for(grant.downgrade_to.name) if downgrade else None
-        if cheaper is None:
-            if exc.code == "budget_exceeded" and grant is not None:
-                alerts.cap_reached(grant)
-            raise RelayError(exc.code, exc.message) from None
-        check_request(payload, cheaper, endpoint)
-        try:
-            reservation = _reserve(key, grants, payload, cheaper, endpoint)
-        except BudgetRefused as again:
-            raise RelayError(again.code, again.message) from None
-        record.alias, route = cheaper.alias, cheaper
-        record.detail = f"downgraded from '{payload['model']}' to '{cheaper.alias.name}' by grant '{grant.name}'"
-    _record_reservation(reservation, record)
-    return route, reservation
-
-
 def _record_reservation(reservation: Reservation, record: CallRecord) -> None:
     record.grant_path = reservation.grant_path
     if reservation.unverified:
@@ -311,11 +265,6 @@ def _record_reservation(reservation: Reservation, record: CallRecord) -> None:
         alerts.alert_unverified(reservation.grants)
     for grant in reservation.over_cap:
         alerts.page_over_cap(grant)
-
-
-def _reserve(key, grants, payload, route, endpoint) -> Reservation:
-    hold = hold_for(payload, route, endpoint)
-    return enforcement.reserve(grants=grants, key=key, cost=hold.cost, tokens=hold.tokens)
 
 
 _touched: dict[int, float] = {}  # key id -> when this process last wrote its last_used_at (monotonic)

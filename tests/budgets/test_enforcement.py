@@ -24,7 +24,9 @@ def call(relay, key, model="pricey", **extra):
 
 @pytest.fixture
 def pricey(relay, fresh_state):
-    return relay.alias("pricey", (relay.openai_provider, "gpt-stub"), price=("1000", "2000", "0"))
+    # An OpenAI model name, so the hold counts the prompt with its tokenizer: 10 input tokens + max_tokens 5
+    # = $0.02 held; the call costs $0.01 (the stub bills 2 words of input and 4 of output).
+    return relay.alias("pricey", (relay.openai_provider, "gpt-4o-stub"), price=("1000", "2000", "0"))
 
 
 @pytest.fixture
@@ -34,7 +36,7 @@ def team_grant(key):
 
 def test_experimentation_cap_refuses_naming_the_grant_and_owner(relay, pricey, key, team_grant):
     statuses = [call(relay, key).status_code for _ in range(5)]
-    assert statuses == [200, 200, 200, 429, 429]  # 0.03 spent + 0.025 worst case > 0.05
+    assert statuses == [200, 200, 200, 200, 429]  # 0.04 spent + 0.02 worst case > 0.05
     refusal = call(relay, key).json()["error"]
     assert refusal["code"] == "budget_exceeded" and "Team budget" in refusal["message"] and str(team_grant.owner) in refusal["message"]
     row = LedgerEntry.objects.filter(error_code="budget_exceeded").first()
@@ -114,7 +116,7 @@ def test_a_crashed_workers_hold_expires_and_the_call_that_fits_is_admitted(relay
 def test_counters_roll_over_with_the_period(relay, pricey, key, team_grant):
     import time_machine
 
-    for _ in range(3):
+    for _ in range(4):
         call(relay, key)
     assert call(relay, key).status_code == 429
     next_month = (timezone.localtime().replace(day=28) + timezone.timedelta(days=5)).replace(day=2)

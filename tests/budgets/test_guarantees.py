@@ -21,7 +21,7 @@ from tests.keys.factories import VirtualKeyFactory
 pytestmark = [pytest.mark.postgres, pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 HELLO = [{"role": "user", "content": "hello there"}]
 COST = Decimal("0.01")  # per call on "pricey": 2 input tokens at $1000/M + 4 output at $2000/M
-WORST = Decimal("0.025")  # held per call: 15 estimated input tokens + max_tokens 5
+WORST = Decimal("0.02")  # held per call: 10 input tokens (o200k, with message overhead) + max_tokens 5
 
 
 def _call(args) -> int:
@@ -42,7 +42,7 @@ def _spent(grant: Grant) -> Decimal:
 
 @pytest.fixture
 def hierarchy(relay):
-    relay.alias("pricey", (relay.openai_provider, "gpt-stub"), price=("1000", "2000", "0"))
+    relay.alias("pricey", (relay.openai_provider, "gpt-4o-stub"), price=("1000", "2000", "0"))
     member = MembershipFactory()
     team = member.team
     org = GrantFactory(name="org", scope=Grant.Scope.ORG, team=None, limit_amount=Decimal("100"))

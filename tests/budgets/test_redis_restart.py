@@ -18,10 +18,6 @@ pytestmark = pytest.mark.redis
 HELLO = [{"role": "user", "content": "hello there"}]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "needs the relay to give each hold its call's identity (checks.py: reserve_plan/reserve(call=(record.request_id, "
-    "record.created_at))) and to settle with row_committed=written.wait() (call.py); without them a call settled "
-    "around a rebuild of its counter is counted twice, never zero times"))
 def test_streams_in_flight_when_redis_loses_its_data_are_counted_once(relay, transactional_db):
     relay.alias("drip", (relay.openai_provider, "drip-1"), price=("1000", "2000", "0"))
     key = VirtualKeyFactory(monthly_budget=Decimal("50"))

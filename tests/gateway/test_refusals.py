@@ -149,18 +149,18 @@ def test_token_limit_refuses_once_the_window_is_spent(relay, fast, key):
 
 
 def test_budget_cap_refuses_the_call_that_could_exceed_it(relay, key):
-    relay.alias("pricey", (relay.openai_provider, "gpt-stub"), price=("1000", "2000", "0"))
+    relay.alias("pricey", (relay.openai_provider, "gpt-4o-stub"), price=("1000", "2000", "0"))
     # Each call costs $0.01 (2 input tokens at $1000/M, 4 output at $2000/M); its worst case, held before
-    # forwarding, is $0.025 (15 estimated input tokens, max_tokens 5). With a $0.10 cap the 9th call
-    # could overshoot ($0.08 spent + $0.025) and is refused.
+    # forwarding, is $0.02 (10 input tokens by the model's tokenizer with message overhead, max_tokens 5).
+    # With a $0.10 cap the 10th call could overshoot ($0.09 spent + $0.02) and is refused.
     key.monthly_budget = Decimal("0.10")
     key.save()
     statuses = [post(relay, secret=key.secret, json={"model": "pricey", "messages": HELLO, "max_tokens": 5}).status_code
                 for _ in range(10)]
-    assert statuses == [200] * 8 + [429] * 2
+    assert statuses == [200] * 9 + [429]
     refused = LedgerEntry.objects.filter(error_code="budget_exceeded")
-    assert refused.count() == 2 and all(e.cost == 0 for e in refused)
-    assert sum(e.cost for e in LedgerEntry.objects.all()) == Decimal("0.08")
+    assert refused.count() == 1 and all(e.cost == 0 for e in refused)
+    assert sum(e.cost for e in LedgerEntry.objects.all()) == Decimal("0.09")
 
 
 def test_unknown_endpoint_and_wrong_method_answer_in_json(relay, key):

@@ -25,7 +25,7 @@ CAP = Decimal("1.00")
 @pytest.mark.parametrize("provider_model", ["gpt-4o-mini", "stub-chat"], ids=["tokenizer", "byte-bound"])
 def test_twenty_calls_at_once_never_pass_a_cap_with_a_prompt_billed_above_the_old_estimate(relay, key, provider_model):
     relay.alias("wordy", (relay.openai_provider, provider_model), price=("1000", "1000", "0"))  # $0.001 a token
-    grant = GrantFactory(scope=Grant.Scope.TEAM, team=key.team, limit_amount=CAP,
+    GrantFactory(scope=Grant.Scope.TEAM, team=key.team, limit_amount=CAP,
                          grant_class=Grant.GrantClass.EXPERIMENTATION)
     client = relay.openai(key.secret)
 

@@ -298,6 +298,8 @@ def app_env(secret_key: str, fernet_key: str) -> dict[str, str]:
         LOG_LEVEL="WARNING",
         DATABASE_POOL_MAX_SIZE="16",
         PYTHONUNBUFFERED="1",
+        # Ledger journals of this run only: a journal left by an earlier run must not land in this database.
+        TOLLGATE_SPOOL_DIR=tempfile.mkdtemp(prefix="tollgate-bench-spool-"),
     )
     return env
 

@@ -255,10 +255,11 @@ def test_drift_on_a_keys_monthly_cap_is_found_and_repaired(throwaway_redis):
 def broker_is_throwaway_redis(throwaway_redis, monkeypatch):
     """Celery publishes to the throwaway Redis for real (not eagerly), as production does."""
     monkeypatch.setenv("CELERY_BROKER_URL", throwaway_redis.url)  # Celery reads it before its settings
-    eager = celery_app.conf.task_always_eager
-    celery_app.conf.task_always_eager = False
+    saved = {name: celery_app.conf[name] for name in ("broker_url", "broker_write_url", "task_always_eager")}
+    # ... unless an earlier test had the app read its configuration already: then set it on the app.
+    celery_app.conf.update(broker_url=throwaway_redis.url, broker_write_url=throwaway_redis.url, task_always_eager=False)
     yield throwaway_redis
-    celery_app.conf.task_always_eager = eager
+    celery_app.conf.update(saved)
 
 
 def test_alerts_raised_while_redis_is_down_are_sent_later_exactly_once(broker_is_throwaway_redis, mailoutbox):

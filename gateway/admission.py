@@ -124,11 +124,11 @@ def _rate_refusal(exc: ratelimit.LimitExceeded) -> RelayError:
                       headers={"Retry-After": str(exc.retry_after)})
 
 
-def settle(admitted: Admitted, *, cost: Decimal, tokens: int, row_committed: bool) -> None:
+def settle(admitted: Admitted, *, cost: Decimal, tokens: int) -> None:
     """The call is over: its hold becomes `cost`, its `tokens` count against the token limits, in one round
-    trip; threshold alerts follow. Say whether the call's ledger row is committed (`row_committed`): a
-    counter rebuilt from the ledger meanwhile then already holds the call (budgets.enforcement.settle_part)."""
-    budget = enforcement.settle_part(admitted.hold, cost=cost, tokens=tokens, row_committed=row_committed)
+    trip; threshold alerts follow. It may run before the call's ledger row is committed: the hold carries
+    the call's identity, so a counter rebuilt from the ledger around it counts the call exactly once."""
+    budget = enforcement.settle_part(admitted.hold, cost=cost, tokens=tokens)
     charge = ratelimit.charge_part(admitted.limits, tokens)
     parts = [part for part in (budget, charge) if part is not None]
     if not parts:
@@ -145,4 +145,4 @@ def settle(admitted: Admitted, *, cost: Decimal, tokens: int, row_committed: boo
 
 def release(admitted: Admitted) -> None:
     """No provider answered the call: drop its hold, charge nothing."""
-    settle(admitted, cost=Decimal(0), tokens=0, row_committed=False)
+    settle(admitted, cost=Decimal(0), tokens=0)

@@ -145,15 +145,19 @@ def refuse(record: CallRecord, error: RelayError, anthropic_client: bool) -> Rel
     return RelayResult(error.status, body=error.body(anthropic=anthropic_client), headers=error.headers)
 
 
-def finish(record: CallRecord, *, then: Callable[[bool], None] | None = None) -> None:
+def finish(record: CallRecord, *, meanwhile: Callable[[], None] | None = None) -> None:
     """Write the call's ledger row: committed when this returns, or, if the database does not take it in
-    time, fsynced in the journal and written when it does (ledger.writer). Then `then` (settling the
-    counters in Redis) runs: after the commit, so a counter rebuilt from the ledger meanwhile already
-    holds this call and is not charged it twice (budgets.enforcement)."""
+    time, fsynced in the journal and written when it does (ledger.writer). `meanwhile` (settling the
+    counters in Redis) runs while the insert is under way, so the call waits for the slower of the two,
+    not both; a counter rebuilt from the ledger in between still counts the call once, because its hold
+    carries the call's identity, which the rebuild looks up in the ledger it reads (budgets.enforcement)."""
     record.latency_ms = int((time.perf_counter() - record.started) * 1000)
-    committed = ledger_record_submit(record).wait()
-    if then is not None:
-        then(committed)
+    written = ledger_record_submit(record)
+    try:
+        if meanwhile is not None:
+            meanwhile()
+    finally:
+        written.wait()
 
 
 def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
@@ -188,9 +192,8 @@ def _send_with_fallback(targets, payload, client_format, endpoint, stream, recor
     raise RelayError(failure.code, failure.message)
 
 
-def settle(record: CallRecord, admitted: admission.Admitted, row_committed: bool) -> None:
-    admission.settle(admitted, cost=record.cost, tokens=record.input_tokens + record.output_tokens,
-                     row_committed=row_committed)
+def settle(record: CallRecord, admitted: admission.Admitted) -> None:
+    admission.settle(admitted, cost=record.cost, tokens=record.input_tokens + record.output_tokens)
 
 
 def forward_call(payload, route, endpoint, client_format, record, admitted) -> RelayResult:
@@ -206,7 +209,7 @@ def forward_call(payload, route, endpoint, client_format, record, admitted) -> R
     price(record, target, usage)
     if record.body_mode != BodyLogging.OFF:
         record.response_text = json.dumps(response, ensure_ascii=False)
-    finish(record, then=lambda committed: settle(record, admitted, committed))
+    finish(record, meanwhile=lambda: settle(record, admitted))
     return RelayResult(200, body=response, headers={**admitted.headers(), "x-tollgate-model": target.provider_model.name})
 
 
@@ -229,7 +232,7 @@ def stream_call(payload, route, client_format, record, admitted) -> RelayResult:
         price(record, target, converter.usage())
         if record.body_mode != BodyLogging.OFF:
             record.response_text = "".join(converter.text)
-        finish(record, then=lambda committed: settle(record, admitted, committed))
+        finish(record, meanwhile=lambda: settle(record, admitted))
 
     def fail(code: str, message: str) -> bytes:
         record.outcome, record.http_status, record.error_code, record.detail = (

@@ -18,6 +18,7 @@ run: $(STAMP)
 	$(BIN)/tollgate run
 
 test: $(STAMP)
+	$(BIN)/ruff check .
 	$(BIN)/tollgate test $(PYTEST_ARGS)
 
 clean:

@@ -26,7 +26,7 @@ from datetime import datetime
 from decimal import Decimal
 
 from budgets import alerts, enforcement
-from budgets.enforcement import BudgetRefused, ReservePlan, Reservation
+from budgets.enforcement import BudgetRefused, Reservation, ReservePlan
 from gateway import ratelimit
 from gateway.errors import RelayError
 from governance import stamps

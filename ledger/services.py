@@ -11,7 +11,6 @@ from django.db.models.functions import Coalesce, TruncDate
 from django.utils import timezone
 
 from governance.audit import audit_record
-
 from governance.models import BodyLogging
 from ledger import writer
 from ledger.models import CallBody, DailyRollup, LedgerEntry, RollupState

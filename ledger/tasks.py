@@ -9,7 +9,6 @@ from gateway.models import Provider
 from ledger import partitions
 from ledger.models import ProviderCostLine
 from ledger.reconciliation import fetch_costs, reconcile
-
 from ledger.services import call_bodies_purge, ledger_rollup
 
 

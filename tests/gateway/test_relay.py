@@ -7,8 +7,8 @@ import requests
 
 from gateway.models import Provider
 from ledger.models import LedgerEntry
-from tests.support.relay_fixtures import PROVIDER_SECRET
 from tests.gateway.factories import ProviderFactory
+from tests.support.relay_fixtures import PROVIDER_SECRET
 
 pytestmark = pytest.mark.redis
 

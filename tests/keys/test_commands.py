@@ -64,11 +64,10 @@ def test_revoke_key_by_prefix(member):
 
 
 def test_command_line_errors_go_to_stderr_with_exit_status_1(member):
+    import os
     import subprocess
     import sys
     from pathlib import Path
-
-    import os
 
     result = subprocess.run([sys.executable, "manage.py", "issue_key", "--team", "t", "--models", "fast", "--budget", "lots"],
                             cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60,

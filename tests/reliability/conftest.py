@@ -3,10 +3,16 @@ so each test says its pool, timeout and worker count), a burst's ledger counted 
 throwaway PostgreSQL cluster a test may stop and start. The relay, stub provider and key fixtures come from
 tests/support/relay_fixtures.py."""
 import logging
+import socket
+import subprocess
+import time
 
 import pytest
+import redis
 from django.conf import settings
 
+from budgets import enforcement
+from governance import redis as shared_redis
 from tests.reliability.harness import LedgerCount, PostgresCluster, WebTier, start_web_tier, wait_for_ledger
 
 
@@ -89,3 +95,57 @@ def postgres_cluster():
         yield cluster
     finally:
         cluster.destroy()
+
+
+class ThrowawayRedis:
+    """A redis-server of this test's own on a free port, without persistence."""
+
+    def __init__(self) -> None:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            self.port = sock.getsockname()[1]
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.process = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                probe.ping()
+                break
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.05)
+        probe.close()
+
+    def stop(self) -> None:
+        if self.process is not None:
+            self.process.kill()
+            self.process.wait(timeout=10)
+            self.process = None
+
+    def restart_empty(self) -> None:
+        self.stop()
+        self.start()
+
+
+@pytest.fixture
+def throwaway_redis(settings):
+    server = ThrowawayRedis()
+    server.start()
+    settings.REDIS_URL = server.url
+    shared_redis._client.cache_clear()
+    try:
+        yield server
+    finally:
+        try:
+            for reservation in enforcement.open_reservations():  # nothing of this test is put back elsewhere
+                enforcement.release(reservation)
+        finally:
+            server.stop()
+            shared_redis._client.cache_clear()  # `settings` restores REDIS_URL after this

@@ -5,8 +5,6 @@ What must hold: a counter Redis lost is rebuilt from the ledger plus the holds o
 and nothing is counted on it before that (settle never creates a counter from 0); spend plus holds never
 pass a cap, however many calls race for it after the restart; the drift check covers keys' own monthly
 caps; and an alert raised while Redis (the Celery broker) is down is sent once it is back, exactly once."""
-import socket
-import subprocess
 import time
 import uuid
 from concurrent.futures import ThreadPoolExecutor
@@ -14,7 +12,6 @@ from datetime import datetime
 from decimal import Decimal
 
 import pytest
-import redis
 from django.db import connection
 from django.utils import timezone
 
@@ -22,7 +19,6 @@ from budgets import alerts, enforcement, tasks
 from budgets.enforcement import BudgetRefused, Settled, meters_for, to_units
 from budgets.models import Grant, GrantAlert
 from budgets.services import grant_counters_verify
-from governance import redis as shared_redis
 from governance.celery import app as celery_app
 from governance.redis import get_redis, run_parts
 from ledger.models import LedgerEntry
@@ -32,60 +28,6 @@ from tests.ledger.factories import LedgerEntryFactory
 
 pytestmark = [pytest.mark.redis, pytest.mark.django_db(transaction=True)]
 CAP = Decimal("1.00")
-
-
-class ThrowawayRedis:
-    """A redis-server of this test's own on a free port, without persistence."""
-
-    def __init__(self) -> None:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            self.port = sock.getsockname()[1]
-        self.url = f"redis://127.0.0.1:{self.port}/0"
-        self.process: subprocess.Popen | None = None
-
-    def start(self) -> None:
-        self.process = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        probe = redis.Redis(port=self.port, socket_connect_timeout=0.2)
-        deadline = time.monotonic() + 10
-        while True:
-            try:
-                probe.ping()
-                break
-            except redis.ConnectionError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.05)
-        probe.close()
-
-    def stop(self) -> None:
-        if self.process is not None:
-            self.process.kill()
-            self.process.wait(timeout=10)
-            self.process = None
-
-    def restart_empty(self) -> None:
-        self.stop()
-        self.start()
-
-
-@pytest.fixture
-def throwaway_redis(settings):
-    server = ThrowawayRedis()
-    server.start()
-    settings.REDIS_URL = server.url
-    shared_redis._client.cache_clear()
-    try:
-        yield server
-    finally:
-        try:
-            for reservation in enforcement.open_reservations():  # nothing of this test is put back elsewhere
-                enforcement.release(reservation)
-        finally:
-            server.stop()
-            shared_redis._client.cache_clear()  # `settings` restores REDIS_URL after this
 
 
 def units(amount: str | Decimal) -> int:

@@ -43,6 +43,7 @@ class _Segment:
         self.fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o600)
         fcntl.flock(self.fd, fcntl.LOCK_EX | fcntl.LOCK_NB)  # ours while we live
         self.size = os.fstat(self.fd).st_size
+        self.synced = 0  # bytes known to be on disk
         self.open_calls: set[str] = set()
 
     def close(self) -> None:
@@ -88,10 +89,14 @@ class Journal:
         with self._lock:
             segments = {id(s): s for s in self._segments.values()}.values()
         for segment in segments:
+            size = segment.size  # what was written before this call: the caller's line included
+            if segment.synced >= size:
+                continue  # another caller's fsync covered it (many calls wait on one fsync, not one each)
             try:
                 os.fsync(segment.fd)
             except OSError:  # retired meanwhile: its calls are done
-                pass
+                continue
+            segment.synced = max(segment.synced, size)
 
     def pending(self) -> int:
         with self._lock:
@@ -124,6 +129,8 @@ class Journal:
 
     def _segment(self) -> _Segment:
         if self._pid != os.getpid():  # first use, or a forked child: files of its own
+            for inherited in {id(s): s for s in [*self._segments.values(), *([self._current] if self._current else [])]}.values():
+                inherited.close()  # the parent's: its lock must end with the parent, not with this child
             self._segments.clear()
             self._current, self._pid = None, os.getpid()
         if self._current is None or self._current.size > SEGMENT_BYTES:

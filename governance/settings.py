@@ -104,8 +104,12 @@ if DATABASE_POOL_MAX_SIZE and DATABASES["default"]["ENGINE"] == "django.db.backe
     # psycopg's pool per process: calls borrow a connection for their reads and give it back before they
     # wait on a provider (gateway.relay.call), so a pool far smaller than the calls in flight serves them.
     DATABASES["default"]["CONN_MAX_AGE"] = 0
+    # reconnect_timeout: psycopg_pool retries a lost connection with a doubling delay (1, 2, 4, 8 s ...) for
+    # this long, then gives up and opens a fresh one when a call next needs it. Its default (5 minutes) lets
+    # that delay grow past half a minute during a long outage, and a process then waits it out after
+    # PostgreSQL is back; 5 s bounds it.
     DATABASES["default"]["OPTIONS"]["pool"] = {"min_size": 2, "max_size": DATABASE_POOL_MAX_SIZE,
-                                               "timeout": DATABASE_POOL_TIMEOUT}
+                                               "timeout": DATABASE_POOL_TIMEOUT, "reconnect_timeout": 5}
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     # WAL lets the web, worker and beat processes read while one of them writes.
     DATABASES["default"].setdefault("OPTIONS", {}).update(

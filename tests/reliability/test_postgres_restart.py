@@ -43,6 +43,7 @@ LOAD_SECONDS_BEFORE = 4.0  # steady load before PostgreSQL stops
 OUTAGE_SECONDS = 8.0
 LOAD_SECONDS_AFTER = 8.0  # steady load after it is back
 LEDGER_GRACE_SECONDS = 15.0  # after PostgreSQL is back, every row must be in within this
+COLD_RECOVERY_SECONDS = 5.0  # after PostgreSQL is back, a call that needs the database is served within this
 
 # Run by `manage.py shell -c` against the throwaway cluster: the catalog and a key, as the admin would make them.
 SETUP = """
@@ -58,7 +59,8 @@ model = ProviderModelFactory(provider=provider, name=os.environ["STUB_MODEL"])
 ModelPriceFactory(provider_model=model)
 DeploymentFactory(alias=ModelAliasFactory(name="steady"), provider_model=model, priority=0)
 issued = services.key_issue(name="steady load", team=TeamFactory(), person=PersonFactory(), actor=None)
-print("SETUP " + json.dumps({"secret": issued.secret, "key_id": issued.key.pk}))
+cold = services.key_issue(name="first used in the outage", team=TeamFactory(), person=PersonFactory(), actor=None)
+print("SETUP " + json.dumps({"secret": issued.secret, "key_id": issued.key.pk, "cold": cold.secret}))
 """
 
 
@@ -85,10 +87,10 @@ def tollgate_on_its_own_cluster(postgres_cluster, stub):
     migrated = time.monotonic()
     output = manage(url, "shell", "-c", SETUP, extra_env={
         "STUB_BASE_URL": stub.openai_base_url, "STUB_API_KEY": PROVIDER_SECRET, "STUB_MODEL": UPSTREAM})
-    secret = json.loads(output.split("SETUP ", 1)[1].splitlines()[0])["secret"]
+    keys = json.loads(output.split("SETUP ", 1)[1].splitlines()[0])
     print(f"\n[postgres restart] cluster on port {postgres_cluster.port}: migrated in {migrated - started:.1f}s, "
           f"catalog and key in {time.monotonic() - migrated:.1f}s")
-    return postgres_cluster, url, secret
+    return postgres_cluster, url, keys["secret"], keys["cold"]
 
 
 @pytest.mark.parametrize("stop_mode", ["fast", "immediate"])
@@ -97,7 +99,7 @@ def test_a_postgres_restart_under_load_loses_no_ledger_row_and_hangs_no_client(f
     """`fast`: PostgreSQL disconnects every session and shuts down cleanly; `immediate`: it stops as if it
     crashed (commits under way when it stops are in doubt for the relay: exactly once relies on the
     ledger's unique call identity)."""
-    cluster, url, secret = tollgate_on_its_own_cluster
+    cluster, url, secret, cold_secret = tollgate_on_its_own_cluster
     tier = web_tier(workers=2, database_url=url, DATABASE_POOL_MAX_SIZE=8, DATABASE_POOL_TIMEOUT=2)
     # Warm both workers (key, catalog, grants in memory), so the outage finds them as production would.
     # Not a harness check: these calls count with the others.
@@ -116,13 +118,33 @@ def test_a_postgres_restart_under_load_loses_no_ledger_row_and_hangs_no_client(f
         finally:
             client.close()
 
+    cold_calls: list[Call] = []
+    outage_begins = threading.Event()
+
+    def cold() -> None:
+        """A key no process has in memory, first used when the outage begins: every call needs the database,
+        so this client sees when each worker's pool is back (the pool's reconnect back-off once kept
+        workers refusing for ~54 s after PostgreSQL was up)."""
+        client = sdk(tier.v1, cold_secret)
+        outage_begins.wait()
+        try:
+            while not stop_load.is_set():
+                call = chat(client, request_id("cold"), model="steady")
+                with lock:
+                    cold_calls.append(call)
+                time.sleep(0.1)
+        finally:
+            client.close()
+
     clients = [threading.Thread(target=steady, args=(i,), daemon=True) for i in range(CLIENTS)]
+    clients.append(threading.Thread(target=cold, daemon=True))
     load_started = time.monotonic()
     for thread in clients:
         thread.start()
     time.sleep(LOAD_SECONDS_BEFORE)
     stopping = time.monotonic()
     cluster.stop(stop_mode)
+    outage_begins.set()
     down = time.monotonic()
     assert not cluster.accepts_connections(), "harness: PostgreSQL still answers after pg_ctl stop"
     time.sleep(OUTAGE_SECONDS)
@@ -135,7 +157,9 @@ def test_a_postgres_restart_under_load_loses_no_ledger_row_and_hangs_no_client(f
     load_ended = time.monotonic()
     assert not any(thread.is_alive() for thread in clients), "harness: a client thread is still waiting 40s after the load"
 
-    everything = warm + calls
+    everything = warm + calls + cold_calls
+    served_cold = [c.started + c.elapsed - back for c in cold_calls if c.status == 200 and c.started >= back]
+    cold_recovery = min(served_cold) if served_cold else None
     count = wait_for_ledger(psycopg_fetch(url), [c.request_id for c in everything],
                             timeout=max(0.0, back + LEDGER_GRACE_SECONDS - time.monotonic()))
     rows_in = time.monotonic() - back
@@ -149,10 +173,15 @@ def test_a_postgres_restart_under_load_loses_no_ledger_row_and_hangs_no_client(f
           f"{sum(c.elapsed > MAX_WAIT_SECONDS for c in everything)}")
     print(f"[postgres restart, {stop_mode}] calls overlapping the outage {len(during)}: {dict(tally(during))}")
     print(f"[postgres restart, {stop_mode}] ledger {rows_in:.1f}s after PostgreSQL is back: {count.summary()}")
+    print(f"[postgres restart, {stop_mode}] cold key: {dict(tally(cold_calls))}; first served "
+          + (f"{cold_recovery:.1f}s after PostgreSQL was back" if cold_recovery is not None else "never"))
     print(f"[postgres restart, {stop_mode}] web tier log: {tier.log_count('Traceback')} tracebacks, "
           f"{tier.log_count('LEDGER WRITE FAILED')} 'LEDGER WRITE FAILED'")
 
     assert during, "harness: no call overlapped the outage"
     problems = answer_problems(everything, allowed={200: {None}, 503: {"overloaded", "service_unavailable"}})
     problems += count.problems(everything)
+    if cold_recovery is None or cold_recovery > COLD_RECOVERY_SECONDS:
+        problems.append(f"a call needing the database was first served {cold_recovery}s after PostgreSQL was back "
+                        f"(at most {COLD_RECOVERY_SECONDS}s)")
     assert not problems, "\n".join(problems) + "\n" + tier.log_tail()

@@ -3,7 +3,7 @@ everything else is gateway.relay."""
 import json
 
 from django.conf import settings
-from django.http import HttpResponse, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 from rest_framework.views import APIView
 
@@ -33,16 +33,16 @@ class RelayView(APIView):
     permission_classes = ()
 
     def relay(self, request, body: bytes = b"", content_length: int = 0) -> HttpResponse:
-        raw = request._request
-        call = relay.RelayCall(
-            endpoint=self.endpoint, headers=raw.headers, body=body, content_length=content_length,
-            client_ip=client_ip(raw.META), request_id=raw.request_id,
-        )
-        return _response(relay.handle(call))
+        return _response(relay.handle(_call(request._request, self.endpoint, body, content_length)))
 
     def http_method_not_allowed(self, request, *args, **kwargs):
         error = RelayError("method_not_allowed", f"{request.method} is not allowed on this endpoint")
-        return JsonResponse(error.body(), status=error.status)
+        return _response(relay.refuse_unrouted(_call(request, self.endpoint), error))
+
+
+def _call(raw, endpoint: str, body: bytes = b"", content_length: int = 0) -> relay.RelayCall:
+    return relay.RelayCall(endpoint=endpoint, headers=raw.headers, body=body, content_length=content_length,
+                           client_ip=client_ip(raw.META), request_id=raw.request_id)
 
 
 class InferenceView(RelayView):
@@ -80,4 +80,4 @@ class ModelsView(RelayView):
 def not_found(request, rest: str = ""):
     """Unknown /v1 paths get the same JSON error shape as every refusal, never an HTML page."""
     error = RelayError("not_found", f"no such endpoint: {request.method} /v1/{rest}")
-    return JsonResponse(error.body(), status=error.status)
+    return _response(relay.refuse_unrouted(_call(request, ""), error))

@@ -6,7 +6,7 @@ refusal with its own code; every call, refused or served, ends in exactly one le
     checks.py  each check, in order        wire.py  provider and client formats, streams
     call.py    the call: forward, fall back, settle, record
 """
-from gateway.relay.call import RelayResult, handle
+from gateway.relay.call import RelayResult, handle, refuse_unrouted
 from gateway.relay.checks import CHAT, EMBEDDINGS, MESSAGES, MODELS, RelayCall
 
-__all__ = ["CHAT", "EMBEDDINGS", "MESSAGES", "MODELS", "RelayCall", "RelayResult", "handle"]
+__all__ = ["CHAT", "EMBEDDINGS", "MESSAGES", "MODELS", "RelayCall", "RelayResult", "handle", "refuse_unrouted"]

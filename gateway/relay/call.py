@@ -72,6 +72,14 @@ def handle(call: RelayCall) -> RelayResult:
         return refuse(record, error, call.endpoint == MESSAGES)
 
 
+def refuse_unrouted(call: RelayCall, error: RelayError) -> RelayResult:
+    """A call to /v1 that no endpoint takes (an unknown path, a method an endpoint does not allow): refused,
+    and ledgered like every other call."""
+    record = _new_record(call)
+    ledger_call_opened(record)
+    return refuse(record, error, call.endpoint == MESSAGES)
+
+
 def _new_record(call: RelayCall, created_at=None) -> CallRecord:
     record = CallRecord(request_id=call.request_id, client_ip=call.client_ip, started=time.perf_counter())
     if created_at is not None:

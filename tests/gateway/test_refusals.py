@@ -163,11 +163,13 @@ def test_budget_cap_refuses_the_call_that_could_exceed_it(relay, key):
     assert sum(e.cost for e in LedgerEntry.objects.all()) == Decimal("0.09")
 
 
-def test_unknown_endpoint_and_wrong_method_answer_in_json(relay, key):
-    response = requests.get(relay.v1 + "/nope", timeout=5)
+def test_unknown_endpoint_and_wrong_method_answer_in_json_and_are_ledgered(relay, key):
+    response = requests.get(relay.v1 + "/nope", timeout=5, headers={"X-Request-ID": "unknown-path-1"})
     assert response.status_code == 404 and response.json()["error"]["code"] == "not_found"
-    response = requests.get(relay.v1 + "/chat/completions", timeout=5)
+    response = requests.get(relay.v1 + "/chat/completions", timeout=5, headers={"X-Request-ID": "wrong-method-1"})
     assert response.status_code == 405 and response.json()["error"]["code"] == "method_not_allowed"
+    rows = {e.request_id: (e.outcome, e.http_status, e.error_code) for e in LedgerEntry.objects.all()}
+    assert rows == {"unknown-path-1": ("refused", 404, "not_found"), "wrong-method-1": ("refused", 405, "method_not_allowed")}
 
 
 def test_anthropic_endpoint_refusals_parse_in_the_anthropic_sdk(relay, fast):

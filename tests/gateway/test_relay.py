@@ -108,6 +108,8 @@ def test_models_lists_only_what_the_key_may_use(relay, key):
     assert sorted(m.id for m in client(relay, key).models.list()) == ["fast", "smart"]
     key.allowed_models.set([fast])
     assert [m.id for m in client(relay, key).models.list()] == ["fast"]
+    listings = LedgerEntry.objects.filter(key=key)  # every call to /v1 has its row, listings included
+    assert listings.count() == 2 and {(e.outcome, e.http_status, e.cost) for e in listings} == {("ok", 200, 0)}
 
 
 def test_azure_deployment_gets_its_path_api_version_and_header(relay, key, stub):

@@ -1,4 +1,5 @@
-"""/healthz: the process is up. /readyz: the database, the cache and the Celery broker answer."""
+"""/healthz: the process is up. /readyz: the database, the cache and the Celery broker answer, and the ledger's
+journal directory takes writes."""
 import time
 import uuid
 
@@ -35,7 +36,19 @@ def _check_broker() -> None:
         conn.ensure_connection(max_retries=1, timeout=2)
 
 
-CHECKS = {"database": _check_database, "cache": _check_cache, "broker": _check_broker}
+def _check_spool() -> None:
+    """The ledger journals' directory (TOLLGATE_SPOOL_DIR) takes writes: without it a database outage or a
+    crashed worker could lose ledger rows."""
+    from django.conf import settings
+
+    directory = settings.TOLLGATE_SPOOL_DIR
+    directory.mkdir(parents=True, exist_ok=True)
+    probe = directory / f".readyz-{uuid.uuid4().hex}"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
+CHECKS = {"database": _check_database, "cache": _check_cache, "broker": _check_broker, "spool": _check_spool}
 
 
 @require_GET

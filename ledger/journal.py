@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
@@ -60,6 +61,7 @@ class Journal:
         self._current: _Segment | None = None
         self._segments: dict[str, _Segment] = {}  # key -> the segment its call was opened in
         self._sequence = 0
+        self._last_error = -60.0
 
     # --- writing -------------------------------------------------------------------------------
 
@@ -115,12 +117,21 @@ class Journal:
     def _append(self, row: dict, line: dict) -> None:
         key = call_key(row)
         with self._lock:
-            segment = self._segments.get(key)
-            if segment is None:
-                segment = self._segment()
-                self._segments[key] = segment
-                segment.open_calls.add(key)
-            self._write(segment, line)
+            try:
+                segment = self._segments.get(key)
+                if segment is None:
+                    segment = self._segment()
+                    self._segments[key] = segment
+                    segment.open_calls.add(key)
+                self._write(segment, line)
+            except OSError as exc:
+                # The call goes on: its row still goes to the database, only the journal's safety net is
+                # missing (a full disk, a read-only volume). /readyz reports it; say so loudly here too.
+                now = time.monotonic()
+                if now - self._last_error > 60:
+                    self._last_error = now
+                    log.error("ledger journal in %s cannot be written (%s): rows of calls cut by a crash or a "
+                              "database outage can be lost until it is fixed", self.directory, exc)
 
     def _write(self, segment: _Segment, line: dict) -> None:
         data = (json.dumps(line, separators=(",", ":"), default=str) + "\n").encode()

@@ -67,7 +67,16 @@ def test_readyz_checks_database_cache_and_broker(client):
     response = client.get("/readyz")
     body = response.json()
     assert response.status_code == 200, body
-    assert body["status"] == "ready" and set(body["checks"]) == {"database", "cache", "broker"}
+    assert body["status"] == "ready" and set(body["checks"]) == {"database", "cache", "broker", "spool"}
+
+
+@pytest.mark.django_db
+def test_readyz_is_503_when_the_ledger_journal_cannot_be_written(client, settings, tmp_path):
+    (tmp_path / "a-file").write_text("not a directory")
+    settings.TOLLGATE_SPOOL_DIR = tmp_path / "a-file" / "spool"
+    response = client.get("/readyz")
+    body = response.json()
+    assert response.status_code == 503 and body["checks"]["spool"]["ok"] is False
 
 
 @pytest.mark.django_db

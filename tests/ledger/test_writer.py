@@ -194,3 +194,13 @@ def test_a_stopped_writer_starts_again_on_the_next_write():
     writer.stop()
     ledger_record(record())
     assert LedgerEntry.objects.count() == 2
+
+
+def test_a_journal_that_cannot_be_written_does_not_fail_the_call(tmp_path, caplog):
+    from ledger import journal as journals
+
+    (tmp_path / "a-file").write_text("not a directory")
+    broken = journals.Journal(tmp_path / "a-file" / "spool")
+    broken.open(call_row(record()))  # no exception: the row still goes to the database
+    broken.row(call_row(record()))
+    assert sum("cannot be written" in r.getMessage() for r in caplog.records) == 1  # said once, loudly

@@ -14,7 +14,13 @@ class KeysConfig(AppConfig):
         # Cache invalidation only (no business rule): the relay keeps keys with their team, owner, cost
         # center and allowlists in memory (keys.selectors._KeyCache); any write to them must reach every
         # process. Bulk .update() calls on these models bypass signals and call keys_changed() themselves.
-        def changed(**kwargs):
+        # Saves of fields the relay never reads do not reach it: a login saves Person.last_login, and
+        # flushing every process's key cache on every login cost each process a reload of all its keys.
+        unread = {"last_login", "password"}
+
+        def changed(update_fields=None, **kwargs):
+            if update_fields is not None and set(update_fields) <= unread:
+                return
             keys_changed()
 
         for model in (VirtualKey, Team, Person, CostCenter):

@@ -77,3 +77,18 @@ def test_without_the_stamp_store_every_call_reads_the_database(relay, fast, key,
     key.save()  # its stamp bump cannot be published either
     refused = call(relay, key)
     assert refused.status_code == 401 and code_of(refused) == "key_suspended"
+
+
+def test_a_login_leaves_the_relays_key_cache_alone(relay, fast, key, client):
+    """Reproduction: every web login saved Person.last_login, which bumped the keys stamp and flushed every
+    relay process's key cache."""
+    from governance import stamps
+
+    key.person.set_password("a-long-password-123")
+    key.person.save()
+    before = stamps.current(stamps.KEYS)
+    assert client.login(username=key.person.username, password="a-long-password-123")
+    assert stamps.current(stamps.KEYS) == before
+    key.person.is_active = False
+    key.person.save(update_fields=["is_active"])  # what the relay reads still reaches it
+    assert stamps.current(stamps.KEYS) != before

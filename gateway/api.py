@@ -16,13 +16,18 @@ def _response(result: relay.RelayResult) -> HttpResponse:
     if result.stream is not None:
         response = StreamingHttpResponse(result.stream, status=result.status, content_type="text/event-stream")
     else:
-        response = HttpResponse(
-            json.dumps(result.body, ensure_ascii=False, separators=(",", ":")),
-            status=result.status, content_type="application/json",
-        )
+        response = HttpResponse(_json_bytes(result.body), status=result.status, content_type="application/json")
     for name, value in result.headers.items():
         response[name] = value
     return response
+
+
+def _json_bytes(body) -> bytes:
+    text = json.dumps(body, ensure_ascii=False, separators=(",", ":"))
+    try:
+        return text.encode()
+    except UnicodeEncodeError:  # a lone surrogate (in a model name the client sent, say): escaped, valid JSON
+        return json.dumps(body, separators=(",", ":")).encode()
 
 
 class RelayView(APIView):

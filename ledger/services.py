@@ -1,4 +1,5 @@
 """Writes to the ledger. One entry per relay call, refusals included; bodies only when policy says so."""
+import re
 import uuid
 from dataclasses import dataclass, field
 from decimal import Decimal
@@ -52,6 +53,15 @@ class CallRecord:
     finished: bool = False  # its row has been handed to the ledger: a call is written once, never twice
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
+def storable(text: str) -> str:
+    """Text PostgreSQL (and UTF-8) can store: NUL and lone surrogates, which a client can put in a model name,
+    a tag or a prompt and a provider in a reply, become U+FFFD instead of failing the ledger insert."""
+    return _UNSTORABLE.sub("\ufffd", text) if not text.isascii() or "\x00" in text else text
+
+
 def _id(obj) -> int | None:
     return obj.pk if obj is not None else None
 
@@ -62,13 +72,14 @@ def call_row(record: CallRecord) -> dict:
     return {
         "request_id": record.request_id, "created_at": record.created_at, "key_id": _id(record.key),
         "person_id": _id(record.person), "team_id": _id(record.team), "grant_id": _id(record.grant),
-        "grant_path": record.grant_path, "cost_center_id": _id(record.cost_center), "tags": record.tags,
-        "model_requested": record.model_requested[:120], "alias_id": _id(record.alias),
+        "grant_path": record.grant_path, "cost_center_id": _id(record.cost_center),
+        "tags": {storable(str(k)): storable(str(v)) for k, v in record.tags.items()},
+        "model_requested": storable(record.model_requested[:120]), "alias_id": _id(record.alias),
         "provider_model_id": _id(record.provider_model), "input_tokens": record.input_tokens,
         "output_tokens": record.output_tokens, "cached_tokens": record.cached_tokens, "cost": record.cost,
         "latency_ms": record.latency_ms, "upstream_latency_ms": record.upstream_latency_ms,
         "outcome": record.outcome, "http_status": record.http_status, "error_code": record.error_code[:40],
-        "detail": record.detail[:200], "client_ip": record.client_ip, "streamed": record.streamed,
+        "detail": storable(record.detail[:200]), "client_ip": record.client_ip, "streamed": record.streamed,
     }
 
 
@@ -77,7 +88,8 @@ def call_body(record: CallRecord) -> dict | None:
     if record.body_mode == BodyLogging.OFF or not record.request_text:
         return None
     clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
-    return {"mode": record.body_mode, "request": clean(record.request_text), "response": clean(record.response_text)}
+    return {"mode": record.body_mode, "request": storable(clean(record.request_text)),
+            "response": storable(clean(record.response_text))}
 
 
 def ledger_call_opened(record: CallRecord) -> None:

@@ -177,3 +177,19 @@ def test_anthropic_endpoint_refusals_parse_in_the_anthropic_sdk(relay, fast):
     with pytest.raises(anthropic.AuthenticationError) as excinfo:
         sdk.messages.create(model="fast", max_tokens=10, messages=HELLO)
     assert excinfo.value.body["error"]["code"] == "invalid_api_key"
+
+
+def test_nul_and_lone_surrogates_from_the_client_are_ledgered_not_lost(relay, fast, key):
+    """Reproduction: a NUL in a tag or a lone surrogate in the model name made the ledger insert fail (the
+    call was served and charged in Redis with no row), or the answer a Django HTML 500."""
+    served = post(relay, secret=key.secret, headers={"Content-Type": "application/json", "X-Request-ID": "nul-in-tag-1"},
+                  data='{"model": "fast", "messages": [{"role": "user", "content": "hi \\u0000 there"}], '
+                       '"metadata": {"project": "a\\u0000b"}}')
+    assert served.status_code == 200
+    unknown = post(relay, secret=key.secret, headers={"Content-Type": "application/json", "X-Request-ID": "surrogate-1"},
+                   data='{"model": "fast\\ud800", "messages": [{"role": "user", "content": "hi"}]}')
+    assert unknown.status_code == 404 and unknown.json()["error"]["code"] == "model_not_found"
+    rows = {e.request_id: e for e in LedgerEntry.objects.all()}
+    assert set(rows) == {"nul-in-tag-1", "surrogate-1"}
+    assert rows["nul-in-tag-1"].tags == {"project": "a\ufffdb"} and rows["nul-in-tag-1"].outcome == "ok"
+    assert rows["surrogate-1"].model_requested == "fast\ufffd" and rows["surrogate-1"].error_code == "model_not_found"

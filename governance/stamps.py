@@ -126,8 +126,29 @@ def confirm(result: list) -> None:
     raise Stale()
 
 
+class NotPublished(Exception):
+    """A change was committed but the running processes could not be told (their copies live until their
+    maximum age, TOLLGATE_MEMORY_CACHE_SECONDS)."""
+
+
+_strict: contextvars.ContextVar[bool] = contextvars.ContextVar("stamps_strict", default=False)
+
+
+@contextlib.contextmanager
+def published_or_raise():
+    """Inside this block a stamp that cannot be published raises NotPublished (after the change committed)
+    instead of only logging: for commands, which must fail loudly rather than say "done"."""
+    token = _strict.set(True)
+    try:
+        yield
+    finally:
+        _strict.reset(token)
+
+
 def bump(name: str) -> None:
     """After the current transaction commits (at once outside one), give `name` a new stamp."""
+    strict = _strict.get()
+
     def publish():
         client = get_redis()
         try:
@@ -135,7 +156,10 @@ def bump(name: str) -> None:
                 client.set(name, uuid.uuid4().hex)
             else:
                 cache.set(name, uuid.uuid4().hex, timeout=None)
-        except Exception:  # in-memory copies then live until their maximum age (see each cache)
+        except Exception as exc:  # in-memory copies then live until their maximum age (see each cache)
             log.warning("could not publish a change of %s to the cache", name)
+            if strict:
+                raise NotPublished(f"running processes could not be told ({type(exc).__name__}): they may keep what "
+                                   f"they hold in memory for up to TOLLGATE_MEMORY_CACHE_SECONDS") from exc
 
     transaction.on_commit(publish)

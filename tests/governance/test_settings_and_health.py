@@ -132,3 +132,19 @@ def test_responses_carry_a_request_id(client):
     response = client.get("/healthz", HTTP_X_REQUEST_ID="client-supplied-id-1")
     assert response["X-Request-ID"] == "client-supplied-id-1"
     assert len(client.get("/healthz", HTTP_X_REQUEST_ID="bad id!")["X-Request-ID"]) == 32
+
+
+def test_a_command_run_beside_make_run_uses_its_embedded_redis(tmp_path):
+    """`tollgate run` writes var/run.env with its embedded Redis; a manage.py command run by hand meanwhile
+    (with no REDIS_URL or DATABASE_URL of its own) must reach the same Redis as the running relay."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    (tmp_path / "run.env").write_text("REDIS_URL=unix:///tmp/tollgate-test-redis.sock\n")
+    env = {k: v for k, v in os.environ.items() if k not in ("REDIS_URL", "DATABASE_URL")}
+    env.update(DEBUG="true", TOLLGATE_VAR_DIR=str(tmp_path), DJANGO_SETTINGS_MODULE="governance.settings")
+    result = subprocess.run([sys.executable, "-c", "from django.conf import settings; print(settings.REDIS_URL)"],
+                            cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=60)
+    assert result.stdout.strip() == "unix:///tmp/tollgate-test-redis.sock", result.stderr

@@ -73,3 +73,22 @@ def test_command_line_errors_go_to_stderr_with_exit_status_1(member):
                             cwd=Path(__file__).resolve().parents[2], capture_output=True, text=True, timeout=60,
                             env={**os.environ, "DEBUG": "true"})
     assert result.returncode == 1 and result.stdout == "" and "--budget: 'lots' is not an amount" in result.stderr
+
+
+@pytest.mark.django_db(transaction=True)
+def test_revoke_key_fails_loudly_when_running_processes_cannot_be_told(member, settings):
+    """Reproduction: beside `make run`, revoke_key could not reach the embedded Redis, printed "revoked" and
+    exited 0, and the key kept working on a worker for ~40 s."""
+    from governance import redis as shared_redis
+
+    out, _ = issue("--person", member.person.email, "--team", member.team.slug, "--models", "fast")
+    key = key_by_secret(out.strip())
+    settings.REDIS_URL = "redis://127.0.0.1:1/0"  # nothing listens there
+    shared_redis._client.cache_clear()
+    try:
+        with pytest.raises(CommandError, match="revoked in the database, but running processes could not be told"):
+            call_command("revoke_key", key.prefix, "--reason", "offboarding", stdout=StringIO())
+    finally:
+        shared_redis._client.cache_clear()
+    key.refresh_from_db()
+    assert key.status == "revoked"

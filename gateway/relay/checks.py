@@ -111,14 +111,69 @@ def parse_body(call: RelayCall) -> dict:
         raise RelayError("request_too_large", f"request body over {settings.TOLLGATE_MAX_BODY_BYTES} bytes")
     try:
         payload = json.loads(call.body)
-    except (ValueError, UnicodeDecodeError):
+    except (ValueError, UnicodeDecodeError, RecursionError):
         raise RelayError("invalid_json", "the request body is not valid JSON") from None
     if not isinstance(payload, dict):
         raise RelayError("invalid_json", "the request body must be a JSON object")
+    if _too_deep(payload):
+        raise RelayError("invalid_request", f"the request body is nested more than {MAX_NESTING} levels deep")
     model = payload.get("model")
     if not isinstance(model, str) or not model:
         raise RelayError("invalid_request", "'model' is required")
     return payload
+
+
+MAX_NESTING = 64  # no API shape nests deeper; deeper would only exhaust the recursion of what reads it
+
+
+def _too_deep(value, limit: int = MAX_NESTING) -> bool:
+    pending = [(value, 1)]
+    while pending:
+        item, depth = pending.pop()
+        if isinstance(item, (dict, list)):
+            if depth > limit:
+                return True
+            pending.extend((child, depth + 1) for child in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+# Fields whose JSON type the relay checks before anything reads them: a wrong one is the client's error
+# (400), never the relay's (500). name -> (types allowed, what the message says).
+_FIELD_TYPES = {
+    "stream": ((bool,), "a boolean"),
+    "stream_options": ((dict,), "an object"),
+    "metadata": ((dict,), "an object"),
+    "tools": ((list,), "a list of objects"),
+}
+_MESSAGES_FIELD_TYPES = {
+    "system": ((str, list), "a string or a list of content blocks"),
+    "stop_sequences": ((list,), "a list of strings"),
+    "tool_choice": ((dict,), "an object"),
+}
+_CHAT_FIELD_TYPES = {
+    "stop": ((str, list), "a string or a list of strings"),
+    "tool_choice": ((str, dict), "a string or an object"),
+}
+
+
+def _check_shape(payload: dict, endpoint: str) -> None:
+    fields = {**_FIELD_TYPES, **(_MESSAGES_FIELD_TYPES if endpoint == MESSAGES else _CHAT_FIELD_TYPES)}
+    for name, (types, described) in fields.items():
+        value = payload.get(name)
+        if value is not None and not isinstance(value, types):
+            raise RelayError("invalid_request", f"'{name}' must be {described}")
+    for name in ("tools", "system"):
+        if isinstance(payload.get(name), list) and not all(isinstance(item, dict) for item in payload[name]):
+            raise RelayError("invalid_request", f"'{name}' must hold objects only")
+    for name in ("stop", "stop_sequences"):
+        if isinstance(payload.get(name), list) and not all(isinstance(item, str) for item in payload[name]):
+            raise RelayError("invalid_request", f"'{name}' must hold strings only")
+    for message in payload["messages"]:
+        content = message.get("content")
+        if content is not None and not isinstance(content, (str, list)):
+            raise RelayError("invalid_request", "a message's 'content' must be a string or a list of content parts")
+        if isinstance(content, list) and not all(isinstance(part, dict) for part in content):
+            raise RelayError("invalid_request", "a message's content parts must be objects")
 
 
 def allowed_alias_ids(key: VirtualKey) -> set[int] | None:
@@ -158,6 +213,7 @@ def check_request(payload: dict, route: Route, endpoint: str) -> None:
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):
         raise RelayError("invalid_request", "'messages' is required: a non-empty list of message objects")
+    _check_shape(payload, endpoint)
     try:
         tokens.validate_output_fields(payload, endpoint=endpoint, model_max_output=route.max_output_tokens)
     except tokens.TokenFieldError as exc:
@@ -175,11 +231,15 @@ def collect_tags(key: VirtualKey, headers: Mapping[str, str], payload: dict, act
             given = json.loads(header) if header.startswith("{") else dict(
                 part.split("=", 1) for part in header.split(",") if "=" in part
             )
-        except ValueError:
-            raise RelayError("invalid_request", "X-Tollgate-Tags must be 'name=value,...' or a JSON object") from None
+        except (ValueError, RecursionError):
+            given = None
+        if not isinstance(given, dict) or not all(isinstance(v, (str, int, float)) for v in given.values()):
+            raise RelayError("invalid_request", "X-Tollgate-Tags must be 'name=value,...' or a JSON object of strings")
         tags.update({k.strip(): str(v).strip() for k, v in given.items() if k.strip() in TAG_NAMES})
     metadata = payload.get("metadata")
     if isinstance(metadata, dict):
+        if any(not isinstance(metadata[k], (str, int, float)) for k in TAG_NAMES if k in metadata):
+            raise RelayError("invalid_request", f"'metadata' tags ({', '.join(TAG_NAMES)}) must be strings")
         tags.update({k: str(metadata.pop(k)) for k in TAG_NAMES if k in metadata})
         if not metadata:
             payload.pop("metadata")

@@ -193,3 +193,32 @@ def test_nul_and_lone_surrogates_from_the_client_are_ledgered_not_lost(relay, fa
     assert set(rows) == {"nul-in-tag-1", "surrogate-1"}
     assert rows["nul-in-tag-1"].tags == {"project": "a\ufffdb"} and rows["nul-in-tag-1"].outcome == "ok"
     assert rows["surrogate-1"].model_requested == "fast\ufffd" and rows["surrogate-1"].error_code == "model_not_found"
+
+
+_HI = '[{"role": "user", "content": "hi"}]'
+
+
+@pytest.mark.parametrize("path, body, headers", [
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + ', "stream_options": [1]}', {}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + ', "stream": "yes"}', {}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + ', "max_tokens": true}', {}),
+    ("/chat/completions", '{"model": "fast", "messages": [{"role": "user", "content": 5}]}', {}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + "[" * 5000 + "]" * 5000 + "}", {}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + ', "x": ' + "[" * 100 + "]" * 100 + "}", {}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + "}", {"X-Tollgate-Tags": '{"project": {"a": 1}}'}),
+    ("/chat/completions", '{"model": "fast", "messages": ' + _HI + "}", {"X-Tollgate-Tags": "{" * 5000}),
+    ("/messages", '{"model": "fast", "max_tokens": 5, "messages": ' + _HI + ', "system": 5}', {}),
+    ("/messages", '{"model": "fast", "max_tokens": 5, "messages": ' + _HI + ', "tools": [1]}', {}),
+    ("/messages", '{"model": "fast", "max_tokens": 5, "messages": ' + _HI + ', "stop_sequences": 5}', {}),
+    ("/messages", '{"model": "fast", "max_tokens": 5, "messages": ' + _HI + ', "tool_choice": ["auto"]}', {}),
+    ("/messages", '{"model": "fast", "max_tokens": 5, "messages": [{"role": "user", "content": [1]}]}', {}),
+], ids=["stream_options-list", "stream-string", "max_tokens-bool", "content-number", "nested-5000", "nested-100",
+        "tags-nested", "tags-deep", "system-number", "tools-numbers", "stop_sequences-number", "tool_choice-list",
+        "content-part-number"])
+def test_wrong_types_and_deep_nesting_are_a_400_and_ledgered(relay, fast, key, path, body, headers):
+    """Reproduction: each of these answered 500 (some with Django's HTML page)."""
+    response = post(relay, path=path, secret=key.secret, data=body,
+                    headers={"Content-Type": "application/json", **headers})
+    assert_refused(response, 400, response.json()["error"]["code"])
+    assert response.json()["error"]["code"] in ("invalid_request", "invalid_json")
+    assert LedgerEntry.objects.count() == 1

@@ -177,8 +177,9 @@ def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
 
 
 def _send_with_fallback(targets, payload, client_format, endpoint, stream, record):
-    """Try each deployment in order; move on after 429, 5xx, timeouts and refused connections."""
-    failure = None
+    """Try each deployment in order; move on after 429, 5xx, timeouts and refused connections. The ledger
+    row's detail names every deployment that failed before the one that served (or the last failure)."""
+    failure, failed = None, []
     for target in targets:
         if endpoint == EMBEDDINGS and providers.wire_format(target.provider) != providers.WIRE_OPENAI:
             continue
@@ -189,15 +190,20 @@ def _send_with_fallback(targets, payload, client_format, endpoint, stream, recor
                                       endpoint="embeddings" if endpoint == EMBEDDINGS else "chat", stream=stream)
         except providers.UpstreamFailure as exc:
             failure = exc
+            failed.append(f"{target.provider_model.name} ({exc.code})")
             log.warning("upstream %s failed (%s): %s", target.provider_model, exc.code, exc.message)
             if exc.retryable:
                 continue
             break
         record.upstream_latency_ms = int((time.perf_counter() - started) * 1000)
+        if failed:
+            fallback = f"served by {target.provider_model.name} after {', '.join(failed)} failed"
+            record.detail = f"{record.detail}; {fallback}" if record.detail else fallback  # after a downgrade, say both
         return target, upstream
     if failure is None:
         raise RelayError("invalid_request", "no deployment of this model can serve this endpoint")
-    raise RelayError(failure.code, failure.message)
+    tried = f" (tried {', '.join(failed)})" if len(failed) > 1 else ""
+    raise RelayError(failure.code, f"{failure.message}{tried}")
 
 
 def settle(record: CallRecord, admitted: admission.Admitted) -> None:

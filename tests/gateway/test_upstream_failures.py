@@ -109,3 +109,20 @@ def test_client_disconnect_mid_stream_records_what_was_used(relay, key):
     row = LedgerEntry.objects.get()
     assert (row.outcome, row.error_code, row.streamed) == ("client_abort", "client_disconnected", True)
     assert row.input_tokens > 0 and 0 < row.output_tokens < 20
+
+
+def test_a_fallback_is_on_the_ledger_row(relay, key):
+    """Reproduction: a fallback left no trace on the ledger row, only a log line."""
+    relay.alias("m", (relay.openai_provider, "fail-500"), (relay.openai_provider, "fail-429"),
+                (relay.openai_provider, "gpt-stub"))
+    assert call(relay, key, "m").status_code == 200
+    row = LedgerEntry.objects.get()
+    assert row.outcome == "ok" and row.provider_model.name == "gpt-stub"
+    assert row.detail == "served by gpt-stub after fail-500 (upstream_error), fail-429 (upstream_error) failed"
+
+
+def test_when_every_deployment_fails_the_answer_names_the_last_failure_and_all_it_tried(relay, key):
+    slow = ProviderFactory(name="Slow", kind=Provider.Kind.OPENAI, base_url=relay.openai_provider.base_url, read_timeout=0.3)
+    relay.alias("m", (relay.openai_provider, "fail-500"), (slow, "slow-2"))
+    row = assert_upstream_failure(call(relay, key, "m"), 504, "upstream_timeout")
+    assert "tried fail-500 (upstream_error), slow-2 (upstream_timeout)" in row.detail

@@ -5,6 +5,7 @@ Anthropic, and the built-in mock. HTTP goes through one pooled `requests` sessio
 connect and read timeouts from the provider. Failures become UpstreamFailure with a code the relay
 returns as is; no message ever carries the provider's key.
 """
+import hashlib
 import json
 import threading
 import time
@@ -158,16 +159,21 @@ def mock_reply(payload: dict) -> tuple[str, int, int, str]:
     return " ".join(words), prompt_tokens, len(words), finish
 
 
+def _mock_vector(item) -> list[float]:
+    """The same vector for the same input in every process and run (hash() is salted per process)."""
+    digest = hashlib.sha256(json.dumps(item, ensure_ascii=False).encode("utf-8", "replace")).digest()
+    return [byte / 255 for byte in digest[:8]]
+
+
 def mock_send(target: Target, payload: dict, *, endpoint: str, stream: bool) -> dict | UpstreamStream:
     model, created = target.provider_model.name, int(time.time())
     if endpoint == "embeddings":
         inputs = payload.get("input")
-        inputs = [inputs] if isinstance(inputs, str) else list(inputs or [])
-        data = [
-            {"object": "embedding", "index": i, "embedding": [((hash(text) >> s) % 1000) / 1000 for s in range(0, 64, 8)]}
-            for i, text in enumerate(inputs)
-        ]
-        tokens = sum(len(str(text).split()) for text in inputs)
+        if isinstance(inputs, str) or (isinstance(inputs, list) and inputs and all(isinstance(t, int) for t in inputs)):
+            inputs = [inputs]  # one text, or one text as token ids
+        inputs = list(inputs or [])
+        data = [{"object": "embedding", "index": i, "embedding": _mock_vector(item)} for i, item in enumerate(inputs)]
+        tokens = sum(len(item) if isinstance(item, list) else len(str(item).split()) for item in inputs)
         return {"object": "list", "data": data, "model": model, "usage": {"prompt_tokens": tokens, "total_tokens": tokens}}
     reply, prompt_tokens, completion_tokens, finish = mock_reply(payload)
     usage = {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,

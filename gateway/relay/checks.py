@@ -205,10 +205,21 @@ def resolve_model(payload: dict, key: VirtualKey, endpoint: str, record: CallRec
     return route
 
 
+def _embedding_input_ok(given) -> bool:
+    if isinstance(given, str):
+        return True
+    def ids(items) -> bool:
+        return bool(items) and all(isinstance(t, int) and not isinstance(t, bool) and t >= 0 for t in items)
+    return all(isinstance(item, str) for item in given) or ids(given) or all(
+        isinstance(item, list) and ids(item) for item in given)
+
+
 def check_request(payload: dict, route: Route, endpoint: str) -> None:
     if endpoint == EMBEDDINGS:
-        if not isinstance(payload.get("input"), (str, list)) or not payload.get("input"):
-            raise RelayError("invalid_request", "'input' is required: a string or a list of strings")
+        given = payload.get("input")
+        if not isinstance(given, (str, list)) or not given or not _embedding_input_ok(given):
+            raise RelayError("invalid_request", "'input' is required: a string, a list of strings, a list of token "
+                             "ids or a list of lists of token ids")
         return
     messages = payload.get("messages")
     if not isinstance(messages, list) or not messages or not all(isinstance(m, dict) for m in messages):

@@ -156,3 +156,30 @@ def test_prices_in_force_at_call_time_are_charged(relay, key):
     with time_machine.travel(timezone.now() + timezone.timedelta(days=2)):
         client(relay, key).chat.completions.create(model="fast", messages=HELLO)
     assert [r.cost for r in LedgerEntry.objects.order_by("id")] == [Decimal("0.00002500"), Decimal("0.00025000")]
+
+
+def test_the_built_in_mock_embeds_token_arrays_and_gives_the_same_vectors_in_every_process(relay, key):
+    """Reproduction: the mock answered 500 to token arrays, and its vectors changed with each process's hash
+    seed although it is described as deterministic."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from gateway.models import ModelAlias
+
+    mock = ProviderFactory(name="Mock", kind=Provider.Kind.MOCK, base_url="", api_key="")
+    relay.alias("embed", (mock, "mock-embed"), kind=ModelAlias.Kind.EMBEDDING)
+    sdk = client(relay, key)
+    for given in ("hello world", ["hello world", "bye"], [15339, 1917], [[15339, 1917], [3]]):
+        result = sdk.embeddings.create(model="embed", input=given)
+        assert len(result.data) == (len(given) if isinstance(given, list) and not isinstance(given[0], int) else 1)
+    first = sdk.embeddings.create(model="embed", input="hello world").data[0].embedding
+    script = "import django; django.setup(); from gateway.providers import _mock_vector; print(_mock_vector('hello world'))"
+    other = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).resolve().parents[2], check=True,
+                           capture_output=True, text=True, env={**os.environ, "PYTHONHASHSEED": "12345", "DEBUG": "true",
+                                                                "DJANGO_SETTINGS_MODULE": "governance.settings"})
+    assert [round(v, 6) for v in first] == [round(v, 6) for v in eval(other.stdout)]  # noqa: S307 (a list of floats)
+    bad = requests.post(f"{relay.v1}/embeddings", headers={"Authorization": f"Bearer {key.secret}"},
+                        json={"model": "embed", "input": [{}]}, timeout=10)
+    assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_request"

@@ -572,9 +572,12 @@ class AnthropicStreamToOpenAI:
 class OpenAIStreamToAnthropic:
     """Turns OpenAI chat.completion.chunk dicts into Anthropic (event name, data) pairs."""
 
-    def __init__(self, *, model: str, request_id: str) -> None:
+    def __init__(self, *, model: str, request_id: str, input_tokens: int = 0) -> None:
         self.model = model
         self.id = _prefixed("msg_", request_id)
+        # OpenAI reports the input only at the end of a stream; message_start carries this estimate instead
+        # of 0, and message_delta the provider's count.
+        self.input_estimate = input_tokens
         self.usage = Usage()
         self._usage_reported = False
         self._started = False
@@ -589,7 +592,8 @@ class OpenAIStreamToAnthropic:
             return []
         self._started = True
         message = {"id": self.id, "type": "message", "role": "assistant", "model": self.model, "content": [],
-                   "stop_reason": None, "stop_sequence": None, "usage": {"input_tokens": 0, "output_tokens": 0}}
+                   "stop_reason": None, "stop_sequence": None,
+                   "usage": {"input_tokens": self.input_estimate, "output_tokens": 0}}
         return [("message_start", {"type": "message_start", "message": message}), ("ping", {"type": "ping"})]
 
     def _close_block(self) -> list[tuple[str, dict]]:

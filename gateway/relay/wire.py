@@ -52,7 +52,8 @@ class StreamConverter:
         if client_format == providers.WIRE_OPENAI and self.wire == providers.WIRE_ANTHROPIC:
             self.translator = translate.AnthropicStreamToOpenAI(model=model, include_usage=self.client_wants_usage, request_id=request_id)
         elif client_format == providers.WIRE_ANTHROPIC and self.wire == providers.WIRE_OPENAI:
-            self.translator = translate.OpenAIStreamToAnthropic(model=model, request_id=request_id)
+            self.translator = translate.OpenAIStreamToAnthropic(model=model, request_id=request_id,
+                                                                input_tokens=self.estimated_input)
         else:
             self.translator = None
             self.passthrough_usage = translate.Usage()

@@ -86,8 +86,11 @@ def test_anthropic_messages_reach_an_openai_model_and_an_anthropic_one(relay, ke
         assert message.content[0].text == "stub reply: say hello to the whole wide world"
         assert (message.usage.input_tokens, message.usage.output_tokens) == (7, 9)
         with sdk.messages.stream(model=model, max_tokens=100, messages=HELLO) as stream:
+            started = next(event for event in stream if event.type == "message_start")
             final = stream.get_final_message()
+        assert started.message.usage.input_tokens > 0  # translated streams too (OpenAI counts only at the end)
         assert final.content[0].text.startswith("stub reply:") and final.usage.output_tokens == 9
+        assert final.usage.input_tokens == 7  # the provider's count, once it gave it
     rows = LedgerEntry.objects.order_by("id")
     assert [(r.model_requested, r.streamed, r.output_tokens) for r in rows] == [
         ("fast", False, 9), ("fast", True, 9), ("claude", False, 9), ("claude", True, 9)]

@@ -1,5 +1,6 @@
 """The relay's HTTP surface: OpenAI- and Anthropic-compatible endpoints. Parsing and responses only;
 everything else is gateway.relay."""
+import contextlib
 import json
 
 from django.conf import settings
@@ -58,8 +59,44 @@ class InferenceView(RelayView):
         except ValueError:
             content_length = 0
         # A body over the limit is never read; the relay refuses it (request_too_large) with a ledger entry.
-        body = b"" if content_length > settings.TOLLGATE_MAX_BODY_BYTES else raw.body
+        if content_length > settings.TOLLGATE_MAX_BODY_BYTES:
+            return self.relay(request, b"", content_length)
+        try:
+            body = _read_body(raw)
+        except _BodyTimeout:
+            error = RelayError("request_timeout", f"the request body did not arrive within "
+                               f"{settings.TOLLGATE_BODY_READ_SECONDS:g}s")
+            return _response(relay.refuse_unrouted(_call(raw, self.endpoint), error))
+        except Exception:  # the client closed before sending all it announced, or sent broken chunks
+            error = RelayError("invalid_request", "the request body ended before its announced length")
+            return _response(relay.refuse_unrouted(_call(raw, self.endpoint), error))
         return self.relay(request, body, max(content_length, len(body)))
+
+
+class _BodyTimeout(Exception):
+    pass
+
+
+def _read_body(raw) -> bytes:
+    """The body, read within TOLLGATE_BODY_READ_SECONDS (a client that announces more than it sends must not
+    hold a worker's call slot for ever). A chunked body (no Content-Length) is read from the server's
+    decoded stream, which Django would read as empty, up to one byte over the limit."""
+    with _deadline(settings.TOLLGATE_BODY_READ_SECONDS):
+        if "chunked" in raw.META.get("HTTP_TRANSFER_ENCODING", "").lower() and not raw.META.get("CONTENT_LENGTH"):
+            return raw.META["wsgi.input"].read(settings.TOLLGATE_MAX_BODY_BYTES + 1)
+        return raw.body
+
+
+def _deadline(seconds: float):
+    """gevent workers (production): a timeout around the read. Threaded servers (the SQLite default, tests)
+    read under the server's own socket timeout."""
+    try:
+        from gevent import Timeout, monkey
+    except ImportError:  # pragma: no cover - gevent is a dependency
+        return contextlib.nullcontext()
+    if not monkey.is_module_patched("socket"):
+        return contextlib.nullcontext()
+    return Timeout(seconds, _BodyTimeout)
 
 
 class ChatCompletionsView(InferenceView):

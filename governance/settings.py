@@ -233,6 +233,8 @@ if TOLLGATE_KEY_ENVIRONMENT not in ("l", "t"):
 
 # The relay
 TOLLGATE_MAX_BODY_BYTES = _env("int", "TOLLGATE_MAX_BODY_BYTES", default=8 * 1024 * 1024)
+# A relay body that has not fully arrived by then is refused (408 request_timeout) and frees its call slot.
+TOLLGATE_BODY_READ_SECONDS = _env("float", "TOLLGATE_BODY_READ_SECONDS", default=30.0)
 DATA_UPLOAD_MAX_MEMORY_SIZE = max(TOLLGATE_MAX_BODY_BYTES + 1, 2_621_440)
 TOLLGATE_BODY_RETENTION_DAYS = _env("int", "TOLLGATE_BODY_RETENTION_DAYS", default=30)
 # Keys, grants and the catalog in each process's memory are reloaded at once when a write bumps their

@@ -77,7 +77,8 @@ class ProviderModelAdmin(AuditedModelAdmin):
 
 @admin.register(ModelPrice)
 class ModelPriceAdmin(AuditedModelAdmin):
-    list_display = ["provider_model", "effective_from", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok"]
+    list_display = ["provider_model", "effective_from", "input_per_mtok", "output_per_mtok", "cached_input_per_mtok",
+                    "cache_write_per_mtok"]
     list_filter = ["provider_model__provider"]
     list_select_related = ["provider_model__provider"]
     search_fields = ["provider_model__name"]

@@ -81,6 +81,10 @@ class ModelPrice(models.Model):
     input_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
     output_per_mtok = models.DecimalField(max_digits=12, decimal_places=6)
     cached_input_per_mtok = models.DecimalField(max_digits=12, decimal_places=6, default=Decimal("0"))
+    cache_write_per_mtok = models.DecimalField(
+        max_digits=12, decimal_places=6, null=True, blank=True,
+        help_text="Input tokens written to the provider's prompt cache (Anthropic: 1.25x input for 5-minute "
+                  "writes, 2x for 1-hour). Empty: the input price.")
 
     class Meta:
         ordering = ["provider_model", "-effective_from"]

@@ -42,9 +42,10 @@ class UpstreamStreamError(Exception):
 
 @dataclass
 class Usage:
-    input_tokens: int = 0
+    input_tokens: int = 0  # all input, cached and cache-written included
     output_tokens: int = 0
-    cached_tokens: int = 0
+    cached_tokens: int = 0  # read from the provider's prompt cache
+    cache_write_tokens: int = 0  # written to it (Anthropic bills them above the input price)
 
 
 def _count(value: Any) -> int:
@@ -73,6 +74,7 @@ def usage_from_anthropic(usage: dict | None) -> Usage:
         input_tokens=_count(usage.get("input_tokens")) + cache_read + cache_write,
         output_tokens=_count(usage.get("output_tokens")),
         cached_tokens=cache_read,
+        cache_write_tokens=cache_write,
     )
 
 

@@ -173,7 +173,8 @@ def price(record: CallRecord, target: Target, usage: translate.Usage) -> None:
     record.provider_model = target.provider_model
     record.input_tokens, record.output_tokens, record.cached_tokens = usage.input_tokens, usage.output_tokens, usage.cached_tokens
     record.cost = cost_of(target.price_at(record.created_at), input_tokens=usage.input_tokens,
-                          output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens)
+                          output_tokens=usage.output_tokens, cached_tokens=usage.cached_tokens,
+                          cache_write_tokens=usage.cache_write_tokens)
 
 
 def _send_with_fallback(targets, payload, client_format, endpoint, stream, record):

@@ -312,7 +312,10 @@ def hold_for(payload: dict, route: Route, endpoint: str) -> Hold:
     for target in route.targets:
         wire = providers.wire_format(target.provider)
         given = tokens.input_token_bound(payload, wire=wire, model_name=target.provider_model.name, endpoint=endpoint)
-        cost = max(cost, cost_of(target.price_at(now), input_tokens=given, output_tokens=output))
+        price = target.price_at(now)
+        # All of the input may be written to the prompt cache, at a higher rate than plain input.
+        cost = max(cost, cost_of(price, input_tokens=given, output_tokens=output),
+                   cost_of(price, input_tokens=given, output_tokens=output, cache_write_tokens=given))
         most_tokens = max(most_tokens, given + output)
     return Hold(cost, most_tokens)
 

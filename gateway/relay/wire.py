@@ -112,7 +112,8 @@ class StreamConverter:
         """What the provider reported, or, when the stream was cut before it did, an estimate of what was used."""
         reported = self.reported
         if reported is not None and (reported.output_tokens or self.done):
-            return translate.Usage(reported.input_tokens or self.estimated_input, reported.output_tokens, reported.cached_tokens)
+            return translate.Usage(reported.input_tokens or self.estimated_input, reported.output_tokens, reported.cached_tokens,
+                                   reported.cache_write_tokens)
         streamed = "".join(self.text)
         return translate.Usage(
             input_tokens=(reported.input_tokens if reported and reported.input_tokens else self.estimated_input),

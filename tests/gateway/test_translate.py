@@ -60,7 +60,7 @@ def test_openai_usage_counts_cached_tokens_inside_prompt_tokens():
 def test_anthropic_usage_adds_cache_reads_and_writes_to_input():
     usage = usage_from_anthropic({"input_tokens": 50, "cache_creation_input_tokens": 300,
                                   "cache_read_input_tokens": 1000, "output_tokens": 20})
-    assert usage == Usage(input_tokens=1350, output_tokens=20, cached_tokens=1000)
+    assert usage == Usage(input_tokens=1350, output_tokens=20, cached_tokens=1000, cache_write_tokens=300)
 
 
 def test_missing_or_null_usage_counts_as_zero():

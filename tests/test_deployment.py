@@ -171,3 +171,10 @@ def test_dockerfile_runs_as_a_non_root_user():
     users = [line.split()[1] for line in dockerfile_instructions() if line.split()[0].upper() == "USER"]
     assert users, "the Dockerfile has no USER line"
     assert users[-1].split(":")[0] not in ("root", "0")
+
+
+@pytest.mark.django_db
+def test_every_model_change_has_its_migration():
+    from django.core.management import call_command
+
+    call_command("makemigrations", "--check", "--dry-run", verbosity=0)  # exits non-zero when one is missing

@@ -28,6 +28,7 @@ REFUSALS: dict[str, Refusal] = {
     "invalid_json": Refusal(400, "invalid_request_error"),
     "invalid_request": Refusal(400, "invalid_request_error"),
     "max_tokens_too_large": Refusal(400, "invalid_request_error"),
+    "unsupported_parameter": Refusal(400, "invalid_request_error"),
     "request_too_large": Refusal(413, "invalid_request_error"),
     "request_timeout": Refusal(408, "invalid_request_error"),
     "rate_limit_exceeded": Refusal(429, "rate_limit_error"),

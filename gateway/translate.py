@@ -31,6 +31,48 @@ class TranslationError(ValueError):
     """The request uses something the other format cannot express; the relay should answer 400."""
 
 
+class UnsupportedParameter(TranslationError):
+    """A request field the other format has no equivalent for, which would change the answer: 400 naming it."""
+
+    def __init__(self, param: str, why: str):
+        super().__init__(f"'{param}' {why}")
+        self.param = param
+
+
+# Request fields with no equivalent on the other side, and what the relay does with each (README: "Calling
+# a model in the other format"). Refused: they would change what the answer holds or how it is shaped.
+# Ignored: they only tune sampling, caching or bookkeeping, and the answer keeps the shape the client asked.
+OPENAI_TO_ANTHROPIC_REFUSED = {
+    "logprobs": "has no equivalent on Anthropic models (no token log-probabilities)",
+    "top_logprobs": "has no equivalent on Anthropic models (no token log-probabilities)",
+    "logit_bias": "has no equivalent on Anthropic models",
+    "response_format": "has no equivalent on Anthropic models (JSON modes are not enforced there)",
+    "n": "must be 1 on Anthropic models (one answer a call)",
+    "audio": "has no equivalent on Anthropic models",
+    "modalities": "has no equivalent on Anthropic models",
+}
+OPENAI_TO_ANTHROPIC_IGNORED = ("seed", "presence_penalty", "frequency_penalty", "stream_options", "store",
+                               "service_tier", "parallel_tool_calls", "prediction", "reasoning_effort")
+ANTHROPIC_TO_OPENAI_REFUSED = {
+    "thinking": "(extended thinking) has no equivalent on OpenAI-format models",
+}
+ANTHROPIC_TO_OPENAI_IGNORED = ("top_k", "cache_control (on any block)", "service_tier")
+
+
+def _refuse_unsupported(body: dict, refused: dict) -> None:
+    for param, why in refused.items():
+        value = body.get(param)
+        if value is None or value is False:
+            continue
+        if param == "n" and value == 1:
+            continue
+        if param == "response_format" and isinstance(value, dict) and value.get("type") == "text":
+            continue
+        if param == "thinking" and isinstance(value, dict) and value.get("type") == "disabled":
+            continue
+        raise UnsupportedParameter(param, why)
+
+
 class UpstreamStreamError(Exception):
     """The provider reported an error in the middle of a stream."""
 
@@ -233,6 +275,7 @@ def _openai_tool_choice_to_anthropic(tool_choice: Any, parallel_tool_calls: bool
 
 
 def openai_request_to_anthropic(body: dict, *, default_max_tokens: int) -> dict:
+    _refuse_unsupported(body, OPENAI_TO_ANTHROPIC_REFUSED)
     system_parts: list[str] = []
     messages: list[dict] = []
     for message in body.get("messages") or []:
@@ -378,6 +421,7 @@ def _anthropic_tool_choice_to_openai(tool_choice: dict) -> Any:
 
 
 def anthropic_request_to_openai(body: dict) -> dict:
+    _refuse_unsupported(body, ANTHROPIC_TO_OPENAI_REFUSED)
     messages: list[dict] = []
     system = _anthropic_text(body.get("system"))
     if system:

@@ -18,6 +18,8 @@ def upstream_payload(payload: dict, target: Target, client_format: str, stream: 
             body = translate.openai_request_to_anthropic(payload, default_max_tokens=target.provider_model.max_output_tokens)
         else:
             body = translate.anthropic_request_to_openai(payload)
+    except translate.UnsupportedParameter as exc:
+        raise RelayError("unsupported_parameter", f"{target.provider.name} cannot take this request: {exc}") from None
     except translate.TranslationError as exc:
         raise RelayError("invalid_request", f"{target.provider.name} cannot take this request: {exc}") from None
     body["model"] = target.provider_model.name

@@ -222,3 +222,11 @@ def test_wrong_types_and_deep_nesting_are_a_400_and_ledgered(relay, fast, key, p
     assert_refused(response, 400, response.json()["error"]["code"])
     assert response.json()["error"]["code"] in ("invalid_request", "invalid_json")
     assert LedgerEntry.objects.count() == 1
+
+
+def test_a_field_the_target_format_cannot_honour_is_a_400_naming_it(relay, key):
+    """Reproduction: openai -> an Anthropic-format model silently dropped n (n=2 returned one choice)."""
+    relay.alias("claude", (relay.anthropic_provider, "claude-stub"))
+    response = post(relay, secret=key.secret, json={"model": "claude", "messages": HELLO, "max_tokens": 5, "n": 2})
+    row = assert_refused(response, 400, "unsupported_parameter")
+    assert "'n'" in response.json()["error"]["message"] and "'n'" in row.detail

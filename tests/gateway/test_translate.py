@@ -14,6 +14,7 @@ from gateway.translate import (
     AnthropicStreamToOpenAI,
     OpenAIStreamToAnthropic,
     TranslationError,
+    UnsupportedParameter,
     UpstreamStreamError,
     Usage,
     anthropic_request_to_openai,
@@ -99,11 +100,11 @@ def test_consecutive_same_role_messages_are_merged_in_order():
     ]
 
 
-def test_sampling_fields_map_and_openai_only_fields_are_dropped():
+def test_sampling_fields_map_and_openai_only_fields_that_cannot_change_the_answer_are_dropped():
     body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 256,
             "temperature": 0.2, "top_p": 0.9, "stream": True, "stop": "END", "user": "alice@example.com",
-            "n": 1, "logprobs": True, "stream_options": {"include_usage": True}, "seed": 7,
-            "response_format": {"type": "json_object"}, "metadata": {"trace": "x"}, "presence_penalty": 0.5}
+            "n": 1, "logprobs": False, "stream_options": {"include_usage": True}, "seed": 7,
+            "response_format": {"type": "text"}, "metadata": {"trace": "x"}, "presence_penalty": 0.5}
     out = openai_request_to_anthropic(body, default_max_tokens=4096)
     assert out == {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 256,
                    "temperature": 0.2, "top_p": 0.9, "stream": True, "stop_sequences": ["END"],
@@ -667,3 +668,19 @@ def test_parse_sse_is_incremental():
 
 def test_event_name_does_not_leak_into_the_next_event():
     assert list(parse_sse([b"event: ping", b"", b"data: x", b""])) == [(None, "x")]
+
+
+@pytest.mark.parametrize("field, value", [("n", 2), ("logprobs", True), ("top_logprobs", 3), ("logit_bias", {"50256": -100}),
+                                          ("response_format", {"type": "json_object"})])
+def test_openai_fields_that_would_change_the_answer_are_refused_for_anthropic_models(field, value):
+    """Reproduction: they were dropped silently (n=2 returned one choice)."""
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}], field: value}
+    with pytest.raises(UnsupportedParameter, match=f"'{field}'"):
+        openai_request_to_anthropic(body, default_max_tokens=4096)
+
+
+def test_anthropic_thinking_is_refused_for_openai_models():
+    body = {"model": "m", "max_tokens": 100, "messages": [{"role": "user", "content": "hi"}],
+            "thinking": {"type": "enabled", "budget_tokens": 1024}}
+    with pytest.raises(UnsupportedParameter, match="'thinking'"):
+        anthropic_request_to_openai(body)

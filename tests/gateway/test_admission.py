@@ -13,7 +13,7 @@ from governance.redis import ScriptPart, get_redis, run_parts
 from ledger.models import LedgerEntry
 from tests.budgets.factories import GrantFactory
 
-pytestmark = pytest.mark.redis
+pytestmark = [pytest.mark.redis, pytest.mark.usefixtures("one_rate_window")]
 HELLO = [{"role": "user", "content": "hello there"}]
 
 

@@ -118,6 +118,7 @@ def test_body_over_the_size_limit(relay, fast, key, settings):
     assert_refused(response, 413, "request_too_large")
 
 
+@pytest.mark.usefixtures("one_rate_window")
 def test_rate_limit_per_key_with_retry_after_and_headers(relay, fast, key):
     key.rpm_limit = 2
     key.save()
@@ -140,6 +141,7 @@ def test_person_limit_binds_across_the_person_keys(relay, fast, key):
     assert_refused(post(relay, secret=other.secret, json={"model": "fast", "messages": HELLO}), 429, "rate_limit_exceeded")
 
 
+@pytest.mark.usefixtures("one_rate_window")
 def test_token_limit_refuses_once_the_window_is_spent(relay, fast, key):
     key.team.tpm_limit = 10
     key.team.save()

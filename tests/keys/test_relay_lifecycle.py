@@ -60,6 +60,7 @@ def test_signed_actor_attributes_a_service_key_call_to_the_person(relay, fast, s
     assert row.tags == {"feature": "triage", "environment": "prod"}
 
 
+@pytest.mark.usefixtures("one_rate_window")
 def test_the_actors_own_limit_binds_under_a_service_key(relay, fast, service_key):
     alice = MembershipFactory(team=service_key.key.team).person
     alice.rpm_limit = 1

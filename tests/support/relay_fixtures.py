@@ -53,6 +53,18 @@ def fresh_state(stub):
     enforcement.invalidate_index()
 
 
+@pytest.fixture
+def one_rate_window():
+    """Rate limits count in fixed windows (a minute, a day), so a test whose calls straddle the turn of a
+    minute sees its counts start again. Such a test runs from 1 s into the current minute, the clock then
+    ticking on as usual (time-machine moves every thread's clock: the live server's too)."""
+    import time_machine
+
+    now = time.time()
+    with time_machine.travel(now - now % 60 + 1, tick=True):
+        yield
+
+
 @dataclass
 class Relay:
     url: str

@@ -73,6 +73,7 @@ class Oracle:
             time.sleep(0.2)
         assert not missing, f"{len(missing)} of {len(self.request_ids)} calls not ledgered"
         assert all(count == 1 for count in rows.values()), "a call was ledgered twice"
+        print(f"fuzz: {len(self.request_ids)} calls, each ledgered once; statuses {dict(sorted(self.statuses.items()))}")
 
 
 @pytest.fixture

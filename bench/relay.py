@@ -391,25 +391,26 @@ def setup_data(args: dict) -> dict:
 
 # --- load: wrk ------------------------------------------------------------------------------------
 
-def ensure_wrk() -> str | None:
-    found = shutil.which("wrk")
+def ensure_wrk(tool: str = "wrk") -> str | None:
+    found = shutil.which(tool)
     if found:
         return found
-    print("wrk not found: trying `apt-get install -y wrk` (an `apt-get update` first if that fails) ...")
+    print(f"{tool} not found: trying `apt-get install -y {tool}` (an `apt-get update` first if that fails) ...")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    install = ["apt-get", "install", "-y", "-q", "wrk"]
+    install = ["apt-get", "install", "-y", "-q", tool]
     for attempt in (install, ["apt-get", "update", "-q"], install):
         try:
             result = subprocess.run(attempt, env=env, capture_output=True, text=True, timeout=300, check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             print(f"  {' '.join(attempt)}: {exc}")
             break
-        if attempt[1] == "install" and result.returncode == 0 and shutil.which("wrk"):
-            return shutil.which("wrk")
+        if attempt[1] == "install" and result.returncode == 0 and shutil.which(tool):
+            return shutil.which(tool)
         if attempt[1] == "update" and result.returncode != 0:
             print(f"  apt-get update failed: {result.stderr.strip()[-300:]}")
             break
-    print("  wrk is not available: using the Python load generator for throughput and memory")
+    print(f"  {tool} is not available" + (": using the Python load generator for throughput and memory"
+                                           if tool == "wrk" else ""))
     return None
 
 
@@ -501,18 +502,22 @@ def gen_closed(args: dict) -> dict:
 
 
 def gen_paced(args: dict) -> dict:
-    """Open loop: request i is due at t0 + i/rate whatever happened before; latency counts from that moment."""
+    """Open loop: request i is due at t0 + i/rate whatever happened before; latency counts from that moment.
+    With `headers_list`, request i sends the i-th set of headers (cycling): traffic spread over many keys."""
+    import itertools
+
     import requests
 
     local = threading.local()
     body = args["body"].encode()
+    header_sets = itertools.cycle(args.get("headers_list") or [args["headers"]])
 
-    def one(due: float) -> tuple[int, float]:
+    def one(due: float, headers: dict) -> tuple[int, float]:
         session = getattr(local, "session", None)
         if session is None:
             session = local.session = _client()
         try:
-            response = session.post(args["url"], data=body, headers=args["headers"], timeout=(5, 30))
+            response = session.post(args["url"], data=body, headers=headers, timeout=(5, 30))
             status = response.status_code
         except requests.RequestException:
             status = 0
@@ -527,7 +532,7 @@ def gen_paced(args: dict) -> dict:
             delay = due - time.perf_counter()
             if delay > 0:
                 time.sleep(delay)
-            futures.append(pool.submit(one, due))
+            futures.append(pool.submit(one, due, next(header_sets)))
         deadline = time.monotonic() + 60
         return [f.result(timeout=max(0.1, deadline - time.monotonic())) for f in futures]
 
@@ -582,15 +587,17 @@ ROLES = {"setup-data": setup_data, "closed": gen_closed, "paced": gen_paced, "st
 # A role's arguments go in a file in the bench's private temporary folder, not in argv: they hold the
 # bench key, and argv is visible to anyone running `ps`.
 
-def run_role(procs: Processes, tmp: Path, role: str, args: dict, *, env: dict | None = None, timeout: float) -> dict:
-    return collect_role(start_role(procs, tmp, role, args, env=env), timeout=timeout)
+def run_role(procs: Processes, tmp: Path, role: str, args: dict, *, env: dict | None = None, timeout: float,
+             module: str = "bench.relay") -> dict:
+    return collect_role(start_role(procs, tmp, role, args, env=env, module=module), timeout=timeout)
 
 
-def start_role(procs: Processes, tmp: Path, role: str, args: dict, *, env: dict | None = None) -> subprocess.Popen:
+def start_role(procs: Processes, tmp: Path, role: str, args: dict, *, env: dict | None = None,
+               module: str = "bench.relay") -> subprocess.Popen:
     fd, path = tempfile.mkstemp(prefix=f"{role}-", suffix=".json", dir=tmp)
     with os.fdopen(fd, "w") as f:
         json.dump(args, f)
-    return procs.start([PYTHON, "-m", "bench.relay", "--role", role, "--args-file", path], env=env or os.environ.copy(),
+    return procs.start([PYTHON, "-m", module, "--role", role, "--args-file", path], env=env or os.environ.copy(),
                        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
 

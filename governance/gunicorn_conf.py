@@ -68,11 +68,14 @@ def post_worker_init(worker):
 
 def worker_exit(server, worker):
     """A worker stopping (graceful shutdown, max requests, a reload) writes its queued ledger rows and
-    closes its journal; what the database does not take now stays there for the next worker."""
+    closes its journal; what the database does not take now stays there for the next worker. The keys it
+    served since its last usage write get their last_used_at."""
     from django.apps import apps
 
     if apps.ready:
+        from gateway.relay.checks import flush_usage_marks
         from ledger import writer
 
+        flush_usage_marks()
         writer.stop()
 

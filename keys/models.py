@@ -5,6 +5,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils.functional import cached_property
 
 from governance import crypto
 from governance.models import BodyLogging, Membership, RateLimits, UsageClass
@@ -100,7 +101,7 @@ class VirtualKey(RateLimits):
     def is_service_key(self) -> bool:
         return self.person_id is None
 
-    @property
+    @cached_property  # the relay keeps keys in memory: decrypt once per loaded key, not on every call
     def signing_secret(self) -> str:
         return crypto.decrypt(self.signing_secret_encrypted) if self.signing_secret_encrypted else ""
 

@@ -25,9 +25,10 @@ class _KeyCache:
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.stamp: str | None = None
-        self.entries: OrderedDict[str, tuple[float, VirtualKey]] = OrderedDict()
+        # key digest -> (loaded at, key); ("actor", team id, e-mail) -> (loaded at, person or None)
+        self.entries: OrderedDict[str | tuple, tuple[float, object]] = OrderedDict()
 
-    def get(self, digest: str, stamp: str) -> VirtualKey | None:
+    def get(self, digest: str | tuple, stamp: str):
         with self.lock:
             if stamp != self.stamp:
                 self.entries.clear()
@@ -42,7 +43,7 @@ class _KeyCache:
             self.entries.move_to_end(digest)
             return entry[1]
 
-    def put(self, digest: str, stamp: str, key: VirtualKey) -> None:
+    def put(self, digest: str | tuple, stamp: str, key) -> None:
         with self.lock:
             if stamp != self.stamp:
                 return  # the stamp moved while the key was loading: what was read may be stale already
@@ -90,6 +91,23 @@ def key_by_secret(secret: str) -> VirtualKey | None:
     if key.previous_key_hash and in_grace and keyformat.matches(secret, key.previous_key_hash):
         return key
     return None
+
+
+_NO_ONE = object()  # an actor known not to be an active member, cached too (a misconfigured app retries a lot)
+
+
+def actor_member(team, email: str):
+    """The active member of `team` that a service key's signed actor names, or None. Kept in memory with the
+    keys (the same stamp: memberships and people bump it), so a service key's call needs no query either."""
+    stamp = stamps.current(stamps.KEYS)
+    entry = ("actor", team.pk, email.lower())
+    person = _cache.get(entry, stamp)
+    if person is None:
+        from governance.models import Person
+
+        person = Person.objects.filter(email__iexact=email, is_active=True, memberships__team=team).first() or _NO_ONE
+        _cache.put(entry, stamp, person)
+    return None if person is _NO_ONE else person
 
 
 def keys_changed() -> None:

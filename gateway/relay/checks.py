@@ -3,6 +3,7 @@ and grants, rate limits, budget. Each refusal is a RelayError with its own code.
 import ipaddress
 import json
 import logging
+import threading
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -22,7 +23,7 @@ from gateway.pricing import cost_of
 from governance.models import Person
 from keys.actor import ActorError, verify_actor
 from keys.models import VirtualKey
-from keys.selectors import key_by_secret
+from keys.selectors import actor_member, key_by_secret
 from ledger.services import CallRecord
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ def resolve_actor(key: VirtualKey, headers: Mapping[str, str]) -> tuple[Person, 
         claims = verify_actor(key.signing_secret, headers["X-Tollgate-Actor"], headers.get("X-Tollgate-Actor-Signature", ""))
     except ActorError as exc:
         raise RelayError(exc.code, exc.message) from None
-    person = Person.objects.filter(email__iexact=claims.user, is_active=True, memberships__team=key.team).first()
+    person = actor_member(key.team, claims.user)
     if person is None:
         raise RelayError("unknown_actor", f"'{claims.user}' is not an active member of the key's team")
     tags = {name: value for name, value in (("feature", claims.feature), ("environment", claims.environment)) if value}
@@ -341,20 +342,45 @@ def _record_reservation(reservation: Reservation, record: CallRecord) -> None:
         alerts.page_over_cap(grant)
 
 
-_touched: dict[int, float] = {}  # key id -> when this process last wrote its last_used_at (monotonic)
 TOUCH_EVERY_SECONDS = 60
 
 
+class _UsageMarks:
+    """last_used_at without a write per call or per key: the keys this process served are written together,
+    in one UPDATE, at most once a minute (the first at once). A key's last_used_at is therefore up to a
+    minute behind; it is only read by reports of unused keys, in days. The ledger has every call exactly."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.pending: set[int] = set()
+        self.written_at = -float("inf")
+
+    def mark(self, key_id: int) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.pending.add(key_id)
+            if now - self.written_at < TOUCH_EVERY_SECONDS:
+                return
+            ids, self.pending, self.written_at = self.pending, set(), now
+        self._write(ids)
+
+    def flush(self) -> None:
+        with self.lock:
+            ids, self.pending = self.pending, set()
+        if ids:
+            self._write(ids)
+
+    @staticmethod
+    def _write(ids: set[int]) -> None:
+        try:
+            VirtualKey.objects.filter(pk__in=ids).update(last_used_at=timezone.now())
+        except DatabaseError:  # a report's hint, not worth refusing a call the database cannot serve meanwhile
+            log.warning("could not record that %d keys were used (database unavailable)", len(ids))
+
+
+_usage = _UsageMarks()
+flush_usage_marks = _usage.flush  # at a worker's exit (governance/gunicorn_conf.py)
+
+
 def touch_key(key: VirtualKey) -> None:
-    """last_used_at, at most once a minute per key and process, so the hot path does not write the key row
-    (nor ask Redis) on every call. last_used_at is only read by reports of unused keys, in days."""
-    now = time.monotonic()
-    if now - _touched.get(key.pk, -TOUCH_EVERY_SECONDS) < TOUCH_EVERY_SECONDS:
-        return
-    if len(_touched) > 100_000:  # bounded: forget everything rather than grow with the number of keys
-        _touched.clear()
-    _touched[key.pk] = now
-    try:
-        VirtualKey.objects.filter(pk=key.pk).update(last_used_at=timezone.now())
-    except DatabaseError:  # a report's hint, not worth refusing a call the database cannot serve meanwhile
-        log.warning("could not record that key %s was used (database unavailable)", key.prefix)
+    _usage.mark(key.pk)

@@ -91,3 +91,26 @@ def test_person_keys_cannot_claim_an_actor(relay, fast, key):
     value, signature = sign_actor("anything", user=key.person.email)
     response = call(relay, key.secret, {"X-Tollgate-Actor": value, "X-Tollgate-Actor-Signature": signature})
     assert response.status_code == 401 and response.json()["error"]["code"] == "invalid_actor"
+
+
+def test_an_actor_who_joins_or_leaves_the_team_is_seen_on_the_next_call(relay, fast, service_key):
+    """Actors are kept in memory with the keys: a membership change must reach the relay at once."""
+    from governance.models import Membership
+    from tests.governance.factories import PersonFactory
+
+    bob = PersonFactory()
+    headers = dict(zip(("X-Tollgate-Actor", "X-Tollgate-Actor-Signature"), sign_actor(service_key.signing_secret, user=bob.email)))
+    assert call(relay, service_key.secret, headers).json()["error"]["code"] == "unknown_actor"
+    membership = MembershipFactory(team=service_key.key.team, person=bob)
+    assert call(relay, service_key.secret, headers).status_code == 200
+    Membership.objects.filter(pk=membership.pk).delete()  # a queryset delete: signals still fire per row
+    assert call(relay, service_key.secret, headers).json()["error"]["code"] == "unknown_actor"
+
+
+def test_a_call_records_when_its_key_was_last_used(relay, fast, key):
+    from gateway.relay import checks
+    from keys.models import VirtualKey
+
+    checks._usage.__init__()  # this process has written no usage yet: the first is written at once
+    assert call(relay, key.secret).status_code == 200
+    assert VirtualKey.objects.get(pk=key.pk).last_used_at is not None

@@ -17,57 +17,86 @@ from keys.models import AccessRequest, VirtualKey
 class _KeyCache:
     """Keys the relay has seen, in this process's memory, with their team, owner, cost center and model
     allowlists loaded, so an authenticated call needs no query. Entries are valid for the keys stamp they
-    were loaded at (governance.stamps: every write to a key, team, person, cost center or allowlist bumps
-    it after commit, so a revocation reaches every process on its next call) and for at most
-    TOLLGATE_MEMORY_CACHE_SECONDS. At most TOLLGATE_KEY_CACHE_SIZE keys, least recently used out first.
-    Unknown secrets are never cached."""
+    were loaded at (governance.stamps: every write to a key, team, person, cost center, membership or
+    allowlist bumps it after commit, so a revocation reaches every process on its next call). In case a bump
+    could not be published, every key held is read again each TOLLGATE_MEMORY_CACHE_SECONDS, all in one
+    query: the cost of that safety net does not grow with the number of keys in use. At most
+    TOLLGATE_KEY_CACHE_SIZE keys, least recently used out first. Unknown secrets are never cached."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.stamp: str | None = None
-        # key digest -> (loaded at, key); ("actor", team id, e-mail) -> (loaded at, person or None)
-        self.entries: OrderedDict[str | tuple, tuple[float, object]] = OrderedDict()
+        self.refreshed_at = time.monotonic()
+        # key digest -> key; ("actor", team id, e-mail) -> the person, or _NO_ONE
+        self.entries: OrderedDict[str | tuple, object] = OrderedDict()
 
-    def get(self, digest: str | tuple, stamp: str):
+    def get(self, entry: str | tuple, stamp: str):
         with self.lock:
             if stamp != self.stamp:
-                self.entries.clear()
-                self.stamp = stamp
+                self._reset(stamp)
                 return None
-            entry = self.entries.get(digest)
-            if entry is None:
-                return None
-            if time.monotonic() - entry[0] >= settings.TOLLGATE_MEMORY_CACHE_SECONDS:
-                del self.entries[digest]
-                return None
-            self.entries.move_to_end(digest)
-            return entry[1]
+            value = self.entries.get(entry)
+            if value is not None:
+                self.entries.move_to_end(entry)
+            return value
 
-    def put(self, digest: str | tuple, stamp: str, key) -> None:
+    def put(self, entry: str | tuple, stamp: str, value) -> None:
         with self.lock:
             if stamp != self.stamp:
                 return  # the stamp moved while the key was loading: what was read may be stale already
-            self.entries[digest] = (time.monotonic(), key)
+            self.entries[entry] = value
             while len(self.entries) > settings.TOLLGATE_KEY_CACHE_SIZE:
                 self.entries.popitem(last=False)
 
+    def refresh_if_due(self, stamp: str) -> None:
+        """Read every key held again (one query), once per TOLLGATE_MEMORY_CACHE_SECONDS."""
+        with self.lock:
+            if time.monotonic() - self.refreshed_at < settings.TOLLGATE_MEMORY_CACHE_SECONDS:
+                return
+            self.refreshed_at = time.monotonic()  # one call refreshes; the others go on meanwhile
+            if stamp != self.stamp:
+                self._reset(stamp)
+                return
+            digests = [entry for entry in self.entries if isinstance(entry, str)]
+        loaded = _load_many(digests)
+        with self.lock:
+            if stamp != self.stamp:
+                return
+            self.entries = OrderedDict((digest, loaded[digest]) for digest in self.entries if digest in loaded)
+
+    def _reset(self, stamp: str | None) -> None:
+        self.entries.clear()
+        self.stamp = stamp
+        self.refreshed_at = time.monotonic()
+
     def clear(self) -> None:
         with self.lock:
-            self.entries.clear()
-            self.stamp = None
+            self._reset(None)
 
 
 _cache = _KeyCache()
 invalidate_key_cache = _cache.clear
 
 
+def _keys():
+    return (VirtualKey.objects.select_related("person", "team", "team__cost_center")
+            .prefetch_related("allowed_models", "team__allowed_models")  # read by the relay's model check
+            .order_by())  # skip the default ORDER BY
+
+
 def _load(digest: str) -> VirtualKey | None:
-    return next(iter(
-        VirtualKey.objects.select_related("person", "team", "team__cost_center")
-        .prefetch_related("allowed_models", "team__allowed_models")  # read by the relay's model check
-        .filter(Q(key_hash=digest) | Q(previous_key_hash=digest))
-        .order_by()[:1]  # at most one row matches; skip the default ORDER BY
-    ), None)
+    return next(iter(_keys().filter(Q(key_hash=digest) | Q(previous_key_hash=digest))[:1]), None)  # one at most
+
+
+def _load_many(digests: list[str]) -> dict[str, VirtualKey]:
+    found = {}
+    for start in range(0, len(digests), 2000):  # under SQLite's limit on query parameters
+        chunk = digests[start:start + 2000]
+        for key in _keys().filter(Q(key_hash__in=chunk) | Q(previous_key_hash__in=chunk)):
+            found[key.key_hash] = key
+            if key.previous_key_hash:
+                found[key.previous_key_hash] = key
+    return found
 
 
 def key_by_secret(secret: str) -> VirtualKey | None:
@@ -78,6 +107,7 @@ def key_by_secret(secret: str) -> VirtualKey | None:
         return None
     digest = keyformat.hash_key(secret)
     stamp = stamps.current(stamps.KEYS)  # read before loading, so a change during the load is not missed
+    _cache.refresh_if_due(stamp)
     key = _cache.get(digest, stamp)
     if key is None:
         key = _load(digest)
@@ -98,7 +128,8 @@ _NO_ONE = object()  # an actor known not to be an active member, cached too (a m
 
 def actor_member(team, email: str):
     """The active member of `team` that a service key's signed actor names, or None. Kept in memory with the
-    keys (the same stamp: memberships and people bump it), so a service key's call needs no query either."""
+    keys (the same stamp: memberships and people bump it; dropped at each refresh), so a service key's call
+    needs no query either."""
     stamp = stamps.current(stamps.KEYS)
     entry = ("actor", team.pk, email.lower())
     person = _cache.get(entry, stamp)

@@ -92,3 +92,17 @@ def test_a_login_leaves_the_relays_key_cache_alone(relay, fast, key, client):
     key.person.is_active = False
     key.person.save(update_fields=["is_active"])  # what the relay reads still reaches it
     assert stamps.current(stamps.KEYS) != before
+
+
+def test_a_change_whose_stamp_was_lost_reaches_the_relay_within_the_cache_age(relay, fast, key, settings):
+    """The safety net under the stamps: every key held is read again each TOLLGATE_MEMORY_CACHE_SECONDS."""
+    import time
+
+    from keys.models import VirtualKey
+
+    settings.TOLLGATE_MEMORY_CACHE_SECONDS = 0.5
+    assert call(relay, key).status_code == 200
+    VirtualKey.objects.filter(pk=key.pk).update(status=VirtualKey.Status.SUSPENDED)  # no stamp bump at all
+    time.sleep(0.6)
+    refused = call(relay, key)
+    assert refused.status_code == 401 and code_of(refused) == "key_suspended"

@@ -42,6 +42,7 @@ CONNECTIONS = 32
 BURST_CLIENTS = 64
 HEY_CLIENTS, HEY_RATE = 5, 10  # `hey -c 5 -q 10`: 5 clients at 10 req/s each
 PACED_RATE = 50
+PHASES = ("cold_burst", "throughput", "latency", "memory")
 
 PEOPLE, TEAMS, DEPARTMENTS, KEYS, GRANTS = 2000, 200, 20, 20_000, 5000
 TRAFFIC_KEYS, SERVICE_SHARE = 1000, 10  # one traffic key in ten is a service key sending a signed actor
@@ -357,7 +358,8 @@ class OrgBench:
               f"({self.rounds} rounds after a warm-up)")
         order = ("one", "org", "litellm")
         for name in order:  # warm-up: connections, and on the org relay every traffic key used once or more
-            self._wrk(name, 10 if name == "org" else 3)
+            self._wrk(name, (2 * self.seconds if name == "org" else 3))
+        self.rss_warm = {pid: base.rss_mb(pid) for pid in self.workers}
         figures = {name: [] for name in order}
         for r in range(self.rounds):
             for name in order:
@@ -371,10 +373,11 @@ class OrgBench:
 
     def _wrk(self, name: str, seconds: int) -> dict:
         script = self._wrk_script(name)
-        profile = os.environ.get("BENCH_PROFILE") and name == "org" and seconds > 3
-        if profile:  # py-spy on one org worker during this run (collapsed stacks), for finding where time goes
+        profile = os.environ.get("BENCH_PROFILE") and name in ("one", "org") and seconds > 3
+        if profile:  # BENCH_PROFILE=prefix: py-spy on one worker of each relay (collapsed stacks, prefix.one/.org)
+            worker = base.children_of(self.servers[name].pid)[0]
             spy = subprocess.Popen([str(ROOT / ".venv/bin/py-spy"), "record", "--format", "raw", "-d", str(seconds - 1),
-                                    "-o", os.environ["BENCH_PROFILE"], "--pid", str(self.workers[0]), "--nonblocking"],
+                                    "-o", f"{os.environ['BENCH_PROFILE']}.{name}", "--pid", str(worker), "--nonblocking"],
                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         out = subprocess.run([self.wrk, "-t2", f"-c{CONNECTIONS}", f"-d{seconds}s", "--timeout", "10s", "-s",
                               str(script), self.url[name]], capture_output=True, text=True, timeout=seconds + 60).stdout
@@ -444,11 +447,17 @@ class OrgBench:
         return {"p50": percentile(lat, 50), "p99": percentile(lat, 99), "n": len(lat), "failed": result["failed"]}
 
     def memory(self) -> None:
+        """RSS after the cold burst, once the caches are warm (every traffic key, grant and meter loaded) and at
+        the end; "flat" is judged from warm to the end."""
+        warm = getattr(self, "rss_warm", None) or getattr(self, "rss_after_burst", None)
+        if warm is None:
+            return
         after = {pid: base.rss_mb(pid) for pid in self.workers}
+        burst = getattr(self, "rss_after_burst", {})
         print("\n== org relay workers' RSS: " + "; ".join(
-            f"{pid}: {self.rss_after_burst.get(pid) or 0:.1f} MB after the cold burst, {mb or 0:.1f} MB at the end"
-            for pid, mb in after.items()))
-        self.results["memory"] = {"start": self.rss_after_burst, "end": after}
+            f"{pid}: {burst.get(pid) or 0:.1f} MB after the cold burst, {warm.get(pid) or 0:.1f} MB warm, "
+            f"{mb or 0:.1f} MB at the end" for pid, mb in after.items()))
+        self.results["memory"] = {"start": warm, "end": after}
 
     def summary(self) -> bool:
         r, rows = self.results, []
@@ -510,6 +519,7 @@ class OrgBench:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.org", description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short phases, one round: to check the bench works")
+    parser.add_argument("--phases", default=",".join(PHASES), help=f"comma-separated subset of {','.join(PHASES)}")
     parser.add_argument("--role", choices=sorted(ROLES), help=argparse.SUPPRESS)
     parser.add_argument("--args-file", help=argparse.SUPPRESS)
     opts = parser.parse_args(argv)
@@ -523,10 +533,9 @@ def main(argv: list[str] | None = None) -> int:
     bench = OrgBench(quick=opts.quick)
     try:
         bench.prepare()
-        bench.cold_burst()
-        bench.throughput()
-        bench.latency()
-        bench.memory()
+        for phase in PHASES:
+            if phase in opts.phases.split(","):
+                getattr(bench, phase)()
         ok, failed = bench.summary(), False
     except KeyboardInterrupt:
         print("\ninterrupted: stopping everything", file=sys.stderr)

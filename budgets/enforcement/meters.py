@@ -3,6 +3,7 @@ counters' names in Redis, and what the ledger says it has spent."""
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from decimal import ROUND_CEILING, Decimal
+from functools import cached_property
 
 from django.db import connection, transaction
 from django.db.models import Sum
@@ -44,7 +45,7 @@ class Meter:
     key_id: int | None = None
     unit: str = "cost"  # or "tokens"
 
-    @property
+    @cached_property  # read several times per call per meter
     def base(self) -> str:
         return f"budget:{self.name}:{self.since:%Y%m%d}"
 
@@ -105,16 +106,17 @@ def call_of(hold_id: str) -> tuple[str, datetime] | None:
 
 
 def meters_for(grants: list[Grant], key=None) -> list[Meter]:
-    meters = []
+    meters, now = [], timezone.localtime()
     for grant in grants:
-        since = period_start(grant.period, term_start=grant.term_start)
+        since = period_start(grant.period, term_start=grant.term_start, now=now)
         blocks = grant.grant_class == Grant.GrantClass.EXPERIMENTATION or grant.on_cap != Grant.OnCap.ALLOW_AND_PAGE
         meters.append(Meter(f"grant:{grant.pk}:cost", since, to_units(grant.limit_amount) if blocks else NO_LIMIT, grant=grant))
         if grant.limit_tokens is not None:
             meters.append(Meter(f"grant:{grant.pk}:tokens", since, grant.limit_tokens if blocks else NO_LIMIT,
                                 grant=grant, unit="tokens"))
     if key is not None and key.monthly_budget is not None:
-        meters.append(Meter(f"key:{key.pk}:cost", period_start(Grant.Period.MONTHLY), to_units(key.monthly_budget), key_id=key.pk))
+        meters.append(Meter(f"key:{key.pk}:cost", period_start(Grant.Period.MONTHLY, now=now), to_units(key.monthly_budget),
+                            key_id=key.pk))
     return meters
 
 

@@ -10,16 +10,9 @@ from django.db import models
 from django.db.models import Sum
 from django.utils import timezone
 
-from governance import stamps
 from governance.models import UsageClass
 
 log = logging.getLogger(__name__)
-
-
-def grants_changed() -> None:
-    """After any write to grants commits, every process reloads its in-memory grant index on its next call
-    (budgets.enforcement): the grants stamp in the shared cache changes."""
-    stamps.bump(stamps.GRANTS)
 
 
 def default_thresholds() -> list[int]:
@@ -99,15 +92,6 @@ class Grant(models.Model):
 
     def __str__(self) -> str:
         return f"{self.name} ({self.get_scope_display()}, {self.limit_amount})"
-
-    def save(self, *args, **kwargs):
-        super().save(*args, **kwargs)
-        grants_changed()
-
-    def delete(self, *args, **kwargs):
-        result = super().delete(*args, **kwargs)
-        grants_changed()
-        return result
 
     @property
     def fails_open(self) -> bool:

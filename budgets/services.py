@@ -12,8 +12,8 @@ from django.db.models import Sum
 from django.utils import timezone
 
 from budgets.enforcement import UNIT, Meter, meters_for, to_units
-from budgets.models import Grant, IncreaseRequest, grants_changed
-from governance import roles
+from budgets.models import Grant, IncreaseRequest
+from governance import roles, runtime
 from governance.audit import audit_record, snapshot
 from governance.models import Person
 from governance.notify import email_after_commit
@@ -148,7 +148,7 @@ def grants_expire_sweep(*, today=None) -> int:
                                    body=f"'{grant.name}' was not renewed by {grant.renews_at}; calls on it are refused.")
                 expired += 1
     if expired:
-        grants_changed()
+        runtime.changed(runtime.GRANTS)  # a bulk UPDATE sends no post_save
     return expired
 
 

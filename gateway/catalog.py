@@ -1,8 +1,8 @@
 """Resolving what a caller asked for (an alias) into the deployments to try, with their prices.
 
-The catalog changes rarely and is read on every call, so each process keeps it in memory, tagged with
-the catalog's stamp (governance.stamps): any write to providers, models, prices, aliases or deployments
-bumps it (gateway.apps), and every process loads the catalog again on its next call. Prices switch at
+The catalog changes rarely and is read on every call, so each process keeps it in memory: the CATALOG part
+of what the relay holds (governance.runtime), read again on its next call after any write to providers,
+models, prices, aliases or deployments. Prices switch at
 their effective time regardless: a route carries its future prices too.
 """
 import threading
@@ -12,7 +12,7 @@ from dataclasses import dataclass
 from django.conf import settings
 
 from gateway.models import ModelAlias, ModelPrice, Provider, ProviderModel
-from governance import stamps
+from governance import runtime, stamps
 
 
 @dataclass(frozen=True)
@@ -79,13 +79,9 @@ def all_routes() -> dict[str, Route]:
     return dict(_cache)
 
 
-def catalog_changed() -> None:
-    """Every process loads the catalog again on its next call (this one at once)."""
-    invalidate()
-    stamps.bump(stamps.CATALOG)
-
-
-def invalidate() -> None:
-    """This process loads the catalog again on its next call."""
+def _forget() -> None:
     global _loaded_at
     _loaded_at = 0.0
+
+
+runtime.keeps(runtime.CATALOG, _forget)

@@ -4,3 +4,8 @@ from django.apps import AppConfig
 class GovernanceConfig(AppConfig):
     name = "governance"
     default_auto_field = "django.db.models.BigAutoField"
+
+    def ready(self):
+        from governance import runtime
+
+        runtime.watch()  # what the relay keeps in memory learns of every change (governance.runtime)

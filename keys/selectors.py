@@ -9,7 +9,7 @@ from django.db.models import DecimalField, OuterRef, Q, Subquery, Sum, Value
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
-from governance import stamps
+from governance import runtime, stamps
 from keys import keyformat
 from keys.models import AccessRequest, VirtualKey
 
@@ -75,7 +75,7 @@ class _KeyCache:
 
 
 _cache = _KeyCache()
-invalidate_key_cache = _cache.clear
+runtime.keeps(runtime.KEYS, _cache.clear)
 
 
 def _keys():
@@ -139,11 +139,6 @@ def actor_member(team, email: str):
         person = Person.objects.filter(email__iexact=email, is_active=True, memberships__team=team).first() or _NO_ONE
         _cache.put(entry, stamp, person)
     return None if person is _NO_ONE else person
-
-
-def keys_changed() -> None:
-    """Call after any write that changes what the relay decides for a key (see _KeyCache)."""
-    stamps.bump(stamps.KEYS)
 
 
 def keys_for_person(person):

@@ -31,7 +31,7 @@ The normal case stays one round trip each for reserve and settle; only the recov
     grants.py    the grants covering a call, in memory        meters.py    counters, periods, ledger totals
     holds.py     reserve, hold and settle (one script each)   recovery.py  after Redis lost its data
 """
-from budgets.enforcement.grants import BudgetRefused, check_grants, covering_grants, invalidate_index
+from budgets.enforcement.grants import BudgetRefused, check_grants, covering_grants
 from budgets.enforcement.holds import (
     CounterMissing,
     Reservation,
@@ -53,7 +53,7 @@ from budgets.enforcement.recovery import EPOCH_FENCE_SECONDS, open_reservations,
 
 __all__ = [
     "EPOCH_FENCE_SECONDS", "NO_LIMIT", "UNIT", "BudgetRefused", "CounterMissing", "Meter", "ReservePlan", "Reservation",
-    "Settled", "call_of", "check_grants", "covering_grants", "hold", "invalidate_index", "meters_for", "open_reservations",
+    "Settled", "call_of", "check_grants", "covering_grants", "hold", "meters_for", "open_reservations",
     "period_start", "rebuild", "recover_holds", "release", "reservation_from", "reserve", "reserve_plan", "settle",
     "settle_part", "settled_from", "spent_now", "to_units", "unverified",
 ]

@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from budgets.models import Grant
 from gateway.models import ModelAlias
-from governance import stamps
+from governance import runtime, stamps
 from governance.models import Person
 
 
@@ -66,9 +66,12 @@ _index = _GrantIndex()
 _index_lock = threading.Lock()
 
 
-def invalidate_index() -> None:
+def _forget() -> None:
     global _index
     _index = _GrantIndex()
+
+
+runtime.keeps(runtime.GRANTS, _forget)
 
 
 def _grant_index() -> _GrantIndex:

@@ -12,7 +12,15 @@ from django.db import DatabaseError
 
 from budgets.enforcement.grants import BudgetRefused
 from budgets.enforcement.meters import NO_LIMIT, UNIT, Meter, _ttl, meters_for, period_start, to_units
-from budgets.enforcement.recovery import EPOCH_KEY, FENCE_KEY, _hold_closed, _hold_opened, rebuild, recover_holds
+from budgets.enforcement.recovery import (
+    EPOCH_FENCE_SECONDS,
+    EPOCH_KEY,
+    FENCE_KEY,
+    _hold_closed,
+    _hold_opened,
+    rebuild,
+    recover_holds,
+)
 from budgets.models import Grant
 from governance.redis import ScriptPart, get_redis, run_parts
 
@@ -129,6 +137,7 @@ def hold(plan: "ReservePlan") -> Reservation:
     except DatabaseError:
         raise
     except Exception as exc:  # Redis down or unreachable: each grant says whether to admit or refuse
+        log.warning("budget counters cannot be used: %s: %s", type(exc).__name__, exc)
         return unverified(plan, exc)
     return reservation_from(plan, result)
 
@@ -204,19 +213,26 @@ def _run_reserve(client, plan: ReservePlan) -> list:
     holds are put back meanwhile, every other process's by its watcher), then rebuild each missing counter
     from the ledger, then hold."""
     meters = plan.reservation.meters
-    for _ in range(len(meters) + 3):
+    rebuilds = 0
+    fenced_until = time.monotonic() + EPOCH_FENCE_SECONDS + 1
+    while True:
         result = run_parts(client, [plan.part()])[0]
         if result[0] == FENCED:
+            # Waiting out the fence is not a failed attempt: its end is rounded to the millisecond, so the
+            # first retry may find a millisecond left (a flake seen in tests, which start each on an empty Redis).
             _, fence_ms = recover_holds(client)
-            if fence_ms > 0:
-                time.sleep(fence_ms / 1000)
+            if time.monotonic() > fenced_until:
+                raise RuntimeError("budget counters are still fenced after a data loss")
+            time.sleep(max(fence_ms, 2) / 1000)
         elif result[0] == MISSING:  # a new period, or Redis lost its data
+            rebuilds += 1
+            if rebuilds > len(meters) + 3:
+                raise RuntimeError("budget counters could not be initialised")
             recover_holds(client, force=True)
             if rebuild(client, meters[result[1] - 1], wait=True) is None:
                 raise RuntimeError(f"budget counter {meters[result[1] - 1].base} is still being rebuilt")
         else:
             return result
-    raise RuntimeError("budget counters could not be initialised")
 
 
 def _refusal(meter: Meter, *, spent: int, held: int, amount: int) -> BudgetRefused:

@@ -7,13 +7,12 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from governance import crypto
+from governance import crypto, runtime
 from governance.audit import audit_record, snapshot
 from governance.models import Person, Team
 from governance.notify import email_after_commit
 from keys import keyformat
 from keys.models import ProvisioningPolicy, VirtualKey
-from keys.selectors import keys_changed
 
 EXPIRY_NOTICE_DAYS = (7, 1)
 
@@ -141,7 +140,7 @@ def keys_expire_sweep(*, now=None) -> SweepResult:
         with transaction.atomic():
             if VirtualKey.objects.filter(pk=key.pk, status=VirtualKey.Status.ACTIVE).update(status=VirtualKey.Status.EXPIRED) != 1:
                 continue  # another sweep got there first
-            keys_changed()  # a bulk UPDATE sends no post_save
+            runtime.changed(runtime.KEYS)  # a bulk UPDATE sends no post_save
             audit_record(actor=None, actor_label="expiry sweep", action="key.expire", obj=key,
                          before={"status": "active"}, after={"status": "expired", "expires_at": key.expires_at})
             if key.person:

@@ -51,7 +51,8 @@ def test_every_call_names_its_most_specific_grant_and_all_it_was_charged_to(rela
     team_grant.save()
     personal = GrantFactory(name="Mine", scope=Grant.Scope.PERSON, person=key.person, team=None, parent=team_grant,
                             limit_amount=Decimal("0.05"))
-    assert call(relay, key).status_code == 200
+    response = call(relay, key)
+    assert response.status_code == 200, response.text
     row = LedgerEntry.objects.get()
     assert row.grant_id == personal.pk and row.grant_path == f",{personal.pk},{team_grant.pk},{org.pk},"
 

@@ -7,7 +7,7 @@ from io import StringIO
 import pytest
 from django.core.management import call_command
 
-from gateway import catalog
+from governance import runtime
 from governance.demo import DEMO_PASSWORD
 from governance.redis import get_redis
 
@@ -33,9 +33,9 @@ def demo(live_server):
     if client is not None:
         client.flushdb()
     call_command("load_demo", stdout=StringIO())
-    catalog.invalidate()
+    runtime.drop()
     yield live_server
-    catalog.invalidate()
+    runtime.drop()
 
 
 @pytest.fixture

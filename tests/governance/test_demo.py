@@ -72,12 +72,12 @@ def test_each_load_issues_a_fresh_demo_key_and_revokes_the_last():
 def test_demo_key_works_against_the_built_in_mock_provider(live_server, request):
     import openai
 
-    from gateway import catalog
+    from governance import runtime
     from ledger.models import LedgerEntry
 
     out = StringIO()
     call_command("load_demo", stdout=out)
-    catalog.invalidate()
+    runtime.drop()
     sdk = openai.OpenAI(base_url=f"{live_server.url}/v1", api_key=_demo_key(out.getvalue()), max_retries=0)
     # An open client would hold the live server's thread (and its database connection) past the test.
     request.addfinalizer(sdk.close)

@@ -16,9 +16,8 @@ import pytest
 import requests
 from django.conf import settings
 
-from budgets import enforcement
-from gateway import catalog
 from gateway.models import ModelAlias, Provider
+from governance import runtime
 from governance.redis import get_redis
 from tests.gateway.factories import (
     DeploymentFactory,
@@ -42,15 +41,13 @@ def stub():
 @pytest.fixture
 def fresh_state(stub):
     """Counters in Redis and the per-process catalog cache must not leak between tests."""
-    catalog.invalidate()
-    enforcement.invalidate_index()
+    runtime.drop()
     client = get_redis()
     if client is not None:
         client.flushdb()
     stub.reset()
     yield
-    catalog.invalidate()
-    enforcement.invalidate_index()
+    runtime.drop()
 
 
 @pytest.fixture

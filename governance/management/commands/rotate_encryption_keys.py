@@ -3,7 +3,7 @@ from django.core.management.base import BaseCommand, CommandError
 from django.db import transaction
 
 from gateway.models import Provider
-from governance import crypto, stamps
+from governance import crypto, runtime
 from governance.audit import audit_record
 from keys.models import VirtualKey
 
@@ -36,8 +36,6 @@ class Command(BaseCommand):
                     counts[label] += 1
             audit_record(actor=None, actor_label="manage.py rotate_encryption_keys", action="encryption_keys.rotate",
                          after=counts)
-            # .update() sends no signal: the relay's in-memory providers and keys are reloaded on their stamps
-            stamps.bump(stamps.CATALOG)
-            stamps.bump(stamps.KEYS)
+            runtime.changed(runtime.CATALOG, runtime.KEYS)  # .update() sends no signal
         total = sum(counts.values())
         self.stdout.write(self.style.SUCCESS(f"re-encrypted {total} secret(s) under the primary key: {counts}"))

@@ -150,6 +150,23 @@ def gunicorn(relay, tmp_path):
         pytest.fail("gunicorn did not start: " + process.stderr.read().decode()[-2000:])
     yield base
     os.killpg(process.pid, signal.SIGTERM)
-    process.wait(timeout=15)
+    try:
+        process.wait(timeout=15)
+    except subprocess.TimeoutExpired:  # a worker is stuck: say where, then stop it
+        stacks = _stacks_of(process.pid)
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait(timeout=5)
+        pytest.fail(f"gunicorn did not stop within 15 s; stderr:\n{process.stderr.read().decode()[-3000:]}\n{stacks}")
+
+
+def _stacks_of(pid: int) -> str:
+    """The Python stacks of a process and its children (py-spy, when installed), for a test that hung."""
+    import shutil
+
+    spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(spy).exists():
+        return "(py-spy not installed: no stacks)"
+    out = subprocess.run([spy, "dump", "--subprocesses", "--pid", str(pid)], capture_output=True, text=True, timeout=30)
+    return out.stdout[-6000:] + out.stderr[-1000:]
 
 

@@ -158,6 +158,8 @@ class IncreaseRequest(models.Model):
     grant = models.ForeignKey(Grant, on_delete=models.CASCADE, related_name="increase_requests")
     requester = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
     new_limit = models.DecimalField(max_digits=14, decimal_places=2)
+    from_limit = models.DecimalField(max_digits=14, decimal_places=2, null=True, blank=True,
+                                     help_text="The grant's limit when the increase was asked for.")
     reason = models.CharField(max_length=300)
     status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
     approver = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+",

@@ -8,10 +8,10 @@ from decimal import Decimal
 from django.conf import settings
 from django.core.exceptions import PermissionDenied, ValidationError
 from django.db import transaction
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 
-from budgets.enforcement import UNIT, Meter, meters_for, to_units
+from budgets.enforcement import UNIT, Meter, meters_for, period_start, to_units
 from budgets.models import Grant, IncreaseRequest
 from governance import roles, runtime
 from governance.audit import audit_record, snapshot
@@ -67,11 +67,13 @@ def grant_increase_request(*, grant: Grant, requester: Person, new_limit: Decima
         raise PermissionDenied("Only the grant's owner can ask for more.")
     if new_limit <= grant.limit_amount:
         raise ValidationError({"new_limit": f"Ask for more than the current {grant.limit_amount}."})
+    # Nobody decides their own increase: when the requester also owns the parent, IT decides.
+    approver = grant.parent.owner if grant.parent and grant.parent.owner_id != requester.pk else None
     request = IncreaseRequest.objects.create(grant=grant, requester=requester, new_limit=new_limit, reason=reason,
-                                             approver=grant.parent.owner if grant.parent else None)
+                                             from_limit=grant.limit_amount, approver=approver)
     audit_record(actor=requester, action="grant.increase_request", obj=grant,
                  after={"from": grant.limit_amount, "to": new_limit, "reason": reason})
-    if new_limit - grant.limit_amount <= settings.TOLLGATE_GRANT_AUTO_INCREASE:
+    if new_limit - grant.limit_amount + _automatic_this_period(grant) <= settings.TOLLGATE_GRANT_AUTO_INCREASE:
         try:
             with transaction.atomic():
                 _apply_limit(grant, new_limit, actor=None, reason=f"increase under the policy threshold: {reason}")
@@ -84,6 +86,16 @@ def grant_increase_request(*, grant: Grant, requester: Person, new_limit: Decima
     email_after_commit(to=recipients or _it_people(), subject=f"{requester} asks to raise '{grant.name}' to {new_limit}",
                        body=f"Grant '{grant.name}' is at {grant.limit_amount}; {requester} asks for {new_limit}: {reason}")
     return request
+
+
+def _automatic_this_period(grant: Grant) -> Decimal:
+    """What the policy has added to this grant without anyone deciding, this period: the threshold caps the
+    sum, so ten small increases cannot do what one large one may not."""
+    since = period_start(grant.period, term_start=grant.term_start)
+    added = (IncreaseRequest.objects.filter(grant=grant, status=IncreaseRequest.Status.APPROVED, decided_by=None,
+                                            created_at__gte=since, from_limit__isnull=False)
+             .aggregate(total=Sum(F("new_limit") - F("from_limit")))["total"])
+    return added or Decimal(0)
 
 
 def _it_people() -> list[Person]:
@@ -104,6 +116,8 @@ def increase_decide(*, request: IncreaseRequest, actor: Person, approve: bool, r
     request = IncreaseRequest.objects.select_for_update(of=("self",)).select_related("grant", "requester").get(pk=request.pk)
     if request.status != IncreaseRequest.Status.PENDING:
         raise ValidationError(f"This request was already {request.status}.")
+    if actor.pk == request.requester_id:  # separation of duties, IT included
+        raise PermissionDenied("You cannot decide your own increase: the parent grant's owner or IT must.")
     if actor.pk != request.approver_id and not actor.has_perm("budgets.change_grant"):
         raise PermissionDenied("Only the parent grant's owner or IT can decide this increase.")
     if approve:

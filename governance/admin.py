@@ -2,6 +2,7 @@
 AuditEvent in the same transaction as the change."""
 from django.contrib import admin
 from django.contrib.auth.admin import UserAdmin
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import HttpRequest
 
@@ -79,7 +80,27 @@ class PersonAdmin(UserAdmin):
     fieldsets = UserAdmin.fieldsets + (("Organisation", {"fields": ["department", "cost_center"]}),)
     add_fieldsets = UserAdmin.add_fieldsets + (("Contact", {"fields": ["email"]}),)
 
+    PRIVILEGED = ("is_superuser", "groups", "user_permissions")
+
+    def get_readonly_fields(self, request, obj=None):
+        """Roles and permissions are granted by superusers only: IT manages people, not its own powers."""
+        readonly = list(super().get_readonly_fields(request, obj))
+        return readonly if request.user.is_superuser else [*readonly, *self.PRIVILEGED]
+
+    def has_change_permission(self, request, obj=None):
+        """Only a superuser changes a superuser (their details, their password)."""
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_change_permission(request, obj)
+
+    def has_delete_permission(self, request, obj=None):
+        if obj is not None and obj.is_superuser and not request.user.is_superuser:
+            return False
+        return super().has_delete_permission(request, obj)
+
     def save_model(self, request, obj, form, change):
+        if not request.user.is_superuser and any(name in form.changed_data for name in self.PRIVILEGED):
+            raise PermissionDenied("Only a superuser may change roles or permissions.")  # the form shows them read-only
         with transaction.atomic():
             super().save_model(request, obj, form, change)
             after = {k: v for k, v in snapshot(obj).items() if k != "password"}

@@ -16,7 +16,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
     },
     FINANCE: {
         "ledger": ("view", "add"),
-        "budgets": ("view", "change"),
+        "budgets": ("view",),  # changing a grant is its owner's or IT's: finance reads and reports
         "governance": ("view",),
         "gateway": ("view",),
         "keys": ("view",),

@@ -2,6 +2,7 @@
 a bad value fails at start with ImproperlyConfigured naming the variable."""
 import base64
 import hashlib
+import ipaddress
 import sys
 from decimal import Decimal
 from pathlib import Path
@@ -37,6 +38,14 @@ if not SECRET_KEY:
 
 ALLOWED_HOSTS = _env("list", "ALLOWED_HOSTS", default=["*"] if _DEV else ["localhost", "127.0.0.1"])
 CSRF_TRUSTED_ORIGINS = _env("list", "CSRF_TRUSTED_ORIGINS", default=[])
+# Proxies (CIDRs) whose X-Forwarded-For is believed: the load balancer in front of the web tier. Only a peer
+# in this list may name the client; the client is the nearest address in the header that is not one of them.
+# Empty: the peer itself is the client (REMOTE_ADDR). Used by IP allowlists, the ledger and the audit trail.
+TRUSTED_PROXIES = _env("list", "TRUSTED_PROXIES", default=[])
+try:
+    TRUSTED_PROXY_NETWORKS = [ipaddress.ip_network(cidr.strip(), strict=False) for cidr in TRUSTED_PROXIES if cidr.strip()]
+except ValueError as exc:
+    raise ImproperlyConfigured(f"TRUSTED_PROXIES: {exc}") from exc
 
 INSTALLED_APPS = [
     "django.contrib.admin",

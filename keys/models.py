@@ -16,10 +16,21 @@ DURATION_CHOICES = [(30, "30 days"), (60, "60 days"), (90, "90 days")]
 
 class VirtualKeyQuerySet(models.QuerySet):
     def visible_to(self, person) -> "VirtualKeyQuerySet":
-        """The one rule for who sees which keys: IT and auditors (view permission) see all; everyone else
-        their own keys and the keys of teams they own or approve for."""
+        """Who sees which keys: IT and auditors (view permission) see all; everyone else their own keys and
+        the keys of teams they own or approve for."""
         if person.has_perm("keys.view_virtualkey"):
             return self
+        return self._held_or_managed_by(person)
+
+    def manageable_by(self, person) -> "VirtualKeyQuerySet":
+        """Who may act on which keys (revoke, suspend, ask for changes): IT (change permission) on all;
+        everyone else on their own keys and the keys of teams they own or approve for. Seeing a key is never
+        enough: auditors and finance see every key and act on none."""
+        if person.has_perm("keys.change_virtualkey"):
+            return self
+        return self._held_or_managed_by(person)
+
+    def _held_or_managed_by(self, person) -> "VirtualKeyQuerySet":
         managed_teams = Membership.objects.filter(
             person=person, role__in=[Membership.Role.OWNER, Membership.Role.APPROVER]
         ).values("team_id")

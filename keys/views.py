@@ -79,7 +79,7 @@ def key_rotate(request, pk: int):
 @login_required
 @require_POST
 def key_revoke(request, pk: int):
-    key = _visible_key(request, pk)
+    key = _visible_key(request, pk)  # 404 for keys one cannot see; 403 (from the service) for seen, not managed
     form = ReasonForm(request.POST)
     if not form.is_valid():
         messages.error(request, "Give a reason to revoke the key.")

@@ -7,6 +7,7 @@ from import_export import fields, resources
 from import_export.admin import ExportActionMixin
 
 from governance.admin import ReadOnlyAdminMixin
+from governance.spreadsheets import safe_cell
 from ledger.forms import AdjustmentForm
 from ledger.models import CallBody, DailyRollup, LedgerEntry, ProviderCostImport, Reconciliation
 from ledger.services import ledger_adjust
@@ -20,6 +21,9 @@ class LedgerEntryResource(resources.ModelResource):
     team = fields.Field(attribute="team__slug", column_name="team")
     cost_center = fields.Field(attribute="cost_center__code", column_name="cost_center")
     model = fields.Field(attribute="provider_model__name", column_name="model")
+
+    def export_field(self, field, instance, **kwargs):
+        return safe_cell(super().export_field(field, instance, **kwargs))  # model names and details are callers' text
 
     class Meta:
         model = LedgerEntry

@@ -11,6 +11,7 @@ from django.db.models import Sum
 from django.utils import timezone
 from import_export.formats.base_formats import CSV, XLSX
 
+from governance.spreadsheets import safe_cell
 from ledger.models import DailyRollup
 
 CENT = Decimal("0.01")
@@ -75,7 +76,7 @@ def chargeback(*, start: date, end: date, group_by: list[str]) -> Chargeback:
     total = exact_total.quantize(CENT, rounding=ROUND_HALF_UP)
     amounts = _allocate([row["exact"] for row in rows], total)
     lines = [
-        Line(tuple(str(row[f]) if row[f] not in (None, "") else UNATTRIBUTED for f in fields),
+        Line(tuple(safe_cell(str(row[f])) if row[f] not in (None, "") else UNATTRIBUTED for f in fields),
              row["calls"], row["input_tokens"], row["output_tokens"], row["exact"], amount)
         for row, amount in zip(rows, amounts)
     ]

@@ -21,6 +21,7 @@ from gateway.models import ModelPrice, Provider
 from governance import roles
 from governance.audit import audit_record
 from governance.notify import email_after_commit
+from governance.spreadsheets import safe_cell
 from ledger.models import (
     DailyRollup,
     LedgerEntry,
@@ -188,13 +189,13 @@ def reconcile(*, provider: Provider, month: date, actor=None) -> Reconciliation:
 def export_csv(result: Reconciliation) -> str:
     out = io.StringIO()
     writer = csv.writer(out)
-    writer.writerow(["Tollgate reconciliation", result.provider.name, f"{result.month:%Y-%m}"])
+    writer.writerow(["Tollgate reconciliation", safe_cell(result.provider.name), f"{result.month:%Y-%m}"])
     writer.writerow(["Billed", f"{result.billed:.2f}", "Ledger", f"{result.ledger:.2f}", "Drift", f"{result.drift:.2f}"])
     writer.writerow([])
     writer.writerow(["Day", "Model", "Billed", "Ledger", "Drift", "Drift %", "Flag", "Explanation"])
     for line in result.lines.all():
-        writer.writerow([line.day, line.model, f"{line.billed:.4f}", f"{line.ledger:.4f}", f"{line.drift:.4f}",
-                         line.drift_percent if line.drift_percent is not None else "", line.flag, line.explanation])
+        writer.writerow([line.day, safe_cell(line.model), f"{line.billed:.4f}", f"{line.ledger:.4f}", f"{line.drift:.4f}",
+                         line.drift_percent if line.drift_percent is not None else "", line.flag, safe_cell(line.explanation)])
     return out.getvalue()
 
 

@@ -4,6 +4,7 @@ import secrets
 from dataclasses import dataclass
 
 from django.conf import settings
+from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.utils import timezone
 
@@ -68,6 +69,12 @@ def key_rotate(*, key: VirtualKey, actor: Person | None, grace_hours: int | None
     return IssuedKey(key=key, secret=new.secret)
 
 
+def _may_manage(actor: Person | None, key: VirtualKey) -> None:
+    """Services re-check who acts, whatever the page or admin decided (VirtualKey.objects.manageable_by)."""
+    if actor is not None and not VirtualKey.objects.manageable_by(actor).filter(pk=key.pk).exists():
+        raise PermissionDenied("You cannot change this key: it is not yours, nor your team's to manage.")
+
+
 _PAST = {"key.revoke": "revoked", "key.suspend": "suspended", "key.reactivate": "reactivated", "key.extend": "extended"}
 
 
@@ -93,7 +100,9 @@ LIVE = {VirtualKey.Status.ACTIVE, VirtualKey.Status.SUSPENDED, VirtualKey.Status
 
 @transaction.atomic
 def key_revoke(*, key: VirtualKey, actor: Person | None, reason: str, actor_label: str | None = None) -> VirtualKey:
-    """Final: the relay refuses the key (and any secret still in its rotation grace) on the next call."""
+    """Final: the relay refuses the key (and any secret still in its rotation grace) on the next call.
+    `actor` None is the system (sweeps, commands run by an operator on the host)."""
+    _may_manage(actor, key)
     key = _transition(key, actor=actor, actor_label=actor_label, action="key.revoke", to_status=VirtualKey.Status.REVOKED,
                       allowed_from=LIVE, reason=reason, previous_key_expires_at=None)
     if key.person and key.person != actor:
@@ -104,12 +113,15 @@ def key_revoke(*, key: VirtualKey, actor: Person | None, reason: str, actor_labe
 
 @transaction.atomic
 def key_suspend(*, key: VirtualKey, actor: Person | None, reason: str) -> VirtualKey:
+    _may_manage(actor, key)
     return _transition(key, actor=actor, action="key.suspend", to_status=VirtualKey.Status.SUSPENDED,
                        allowed_from={VirtualKey.Status.ACTIVE}, reason=reason)
 
 
 @transaction.atomic
 def key_reactivate(*, key: VirtualKey, actor: Person | None, reason: str) -> VirtualKey:
+    if actor is not None and not actor.has_perm("keys.change_virtualkey"):  # undoing a suspension is IT's call
+        raise PermissionDenied("Only IT can reactivate a suspended key.")
     return _transition(key, actor=actor, action="key.reactivate", to_status=VirtualKey.Status.ACTIVE,
                        allowed_from={VirtualKey.Status.SUSPENDED}, reason=reason)
 
@@ -117,6 +129,7 @@ def key_reactivate(*, key: VirtualKey, actor: Person | None, reason: str) -> Vir
 @transaction.atomic
 def key_extend(*, key: VirtualKey, actor: Person | None, days: int, reason: str) -> VirtualKey:
     """Push the expiry out by `days` from the later of now and the current expiry; revives an expired key."""
+    _may_manage(actor, key)
     key = _locked(key)
     base = max(key.expires_at or timezone.now(), timezone.now())
     return _transition(key, actor=actor, action="key.extend", to_status=(

@@ -127,7 +127,9 @@ def _pending_for(request: AccessRequest, actor: Person) -> AccessRequest:
     request = AccessRequest.objects.select_for_update(of=("self",)).select_related("team", "requester", "key").get(pk=request.pk)
     if request.status != AccessRequest.Status.PENDING:
         raise RequestRefused(f"This request was already {request.status}.")
-    if not can_approve(actor, request.team) or (actor == request.requester and not actor.has_perm("keys.change_accessrequest")):
+    if request.requester_id == actor.pk:  # separation of duties: IT included, another approver decides
+        raise PermissionDenied("You cannot decide your own request: another approver or IT must.")
+    if not can_approve(actor, request.team):
         raise PermissionDenied("You cannot decide requests for this team.")
     return request
 

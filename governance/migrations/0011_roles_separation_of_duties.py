@@ -1,0 +1,12 @@
+"""Re-sync role permissions: finance reads grants and no longer changes them (issue 13)."""
+from django.db import migrations
+
+from governance.roles import sync_roles
+
+
+class Migration(migrations.Migration):
+    dependencies = [
+        ("governance", "0010_roles_for_reconciliation"),
+        ("budgets", "0005_increase_from_limit"),
+    ]
+    operations = [migrations.RunPython(sync_roles, migrations.RunPython.noop)]

@@ -18,7 +18,7 @@ from requests.adapters import HTTPAdapter
 from gateway.catalog import Target
 from gateway.models import Provider
 from gateway.translate import parse_sse
-from governance.logging import redact
+from governance.logging import scrub
 
 WIRE_OPENAI = "openai"
 WIRE_ANTHROPIC = "anthropic"
@@ -75,14 +75,20 @@ def _endpoint(provider: Provider, model_name: str, endpoint: str) -> tuple[str, 
     return f"{base}/{path}", {"Authorization": f"Bearer {provider.api_key}"}, {}
 
 
-def _upstream_message(response: requests.Response) -> str:
+def _upstream_message(response: requests.Response, provider: Provider) -> str:
     try:
         error = response.json().get("error", {})
         message = error.get("message") if isinstance(error, dict) else str(error)
     except ValueError:
         message = None
-    # Providers sometimes echo part of a key in their messages; never pass one on.
-    return redact(message or response.reason or "no detail")[:300]
+    # Providers sometimes echo their key, or part of it, in their messages: never pass one on (to the client,
+    # the ledger or a log), by its value, not only by what keys usually look like.
+    return scrub_upstream(message or response.reason or "no detail", provider)[:300]
+
+
+def scrub_upstream(text: str, provider: Provider) -> str:
+    """An upstream's words, safe to show: without the provider's own secrets (governance.logging.scrub)."""
+    return scrub(str(text), provider.api_key, getattr(provider, "admin_key", "") or "")
 
 
 def _raise_for_status(response: requests.Response, provider: Provider) -> None:
@@ -93,7 +99,8 @@ def _raise_for_status(response: requests.Response, provider: Provider) -> None:
         raise UpstreamFailure("upstream_error", f"{provider.name} answered {status}", retryable=True)
     if status in (401, 403):
         raise UpstreamFailure("upstream_error", f"{provider.name} refused Tollgate's credentials ({status})", retryable=False)
-    raise UpstreamFailure("upstream_rejected", f"{provider.name} rejected the request: {_upstream_message(response)}", retryable=False)
+    raise UpstreamFailure("upstream_rejected", f"{provider.name} rejected the request: {_upstream_message(response, provider)}",
+                          retryable=False)
 
 
 def send(target: Target, payload: dict, *, endpoint: str, stream: bool) -> dict | UpstreamStream:

@@ -151,3 +151,32 @@ class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     search_fields = ["actor_label", "object_repr", "object_id", "request_id", "action"]
     date_hierarchy = "created_at"
     show_full_result_count = False
+
+
+# --- Login lockouts (django-axes): IT sees them and unlocks, and both are audited ------------------------------
+from axes.admin import AccessAttemptAdmin as _AxesAttemptAdmin  # noqa: E402
+from axes.models import AccessAttempt  # noqa: E402
+
+admin.site.unregister(AccessAttempt)
+
+
+@admin.register(AccessAttempt)
+class AccessAttemptAdmin(_AxesAttemptAdmin):
+    """Failed logins counting towards a lockout. Deleting one (or the unlock action) lifts its lockout."""
+
+    actions = ["unlock"]
+
+    @admin.action(description="Unlock (forget these failed logins)", permissions=["delete"])
+    def unlock(self, request, queryset):
+        self.delete_queryset(request, queryset)
+        self.message_user(request, "Unlocked.")
+
+    def delete_queryset(self, request, queryset):
+        with transaction.atomic():
+            for attempt in queryset:
+                audit_record(actor=request.user, action="login.unlock",
+                             after={"username": attempt.username, "ip_address": attempt.ip_address})
+            queryset.delete()
+
+    def delete_model(self, request, obj):
+        self.delete_queryset(request, AccessAttempt.objects.filter(pk=obj.pk))

@@ -41,3 +41,8 @@ def _within(address: str, networks) -> bool:
     except ValueError:
         return False
     return any(ip in network for network in networks)
+
+
+def client_ip_of_request(request) -> str | None:
+    """client_ip for code that is handed a request (django-axes' AXES_CLIENT_IP_CALLABLE)."""
+    return client_ip(request.META)

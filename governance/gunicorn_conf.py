@@ -44,6 +44,9 @@ keepalive = 75  # seconds; longer than the idle timeout of most load balancers, 
 graceful_timeout = 30
 forwarded_allow_ips = os.environ.get("WEB_FORWARDED_ALLOW_IPS", "127.0.0.1")
 accesslog = "-" if os.environ.get("WEB_ACCESS_LOG", "").lower() in ("1", "true", "yes") else None
+# The path without its query string, and no referer: a key someone put in a URL never reaches the access log.
+access_log_format = '%(h)s %(t)s "%(m)s %(U)s %(H)s" %(s)s %(b)s %(L)s'
+
 
 
 def post_worker_init(worker):

@@ -13,6 +13,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "budgets": ("*",),
         "governance": ("*",),
         "ledger": ("view",),
+        "axes": ("view", "delete"),  # login lockouts: see them, lift them
     },
     FINANCE: {
         "ledger": ("view", "add"),
@@ -22,6 +23,7 @@ ROLE_PERMISSIONS: dict[str, dict[str, tuple[str, ...]]] = {
         "keys": ("view",),
     },
     SECURITY_AUDITOR: {
+        "axes": ("view",),
         "keys": ("view",),
         "gateway": ("view",),
         "budgets": ("view",),

@@ -4,6 +4,7 @@ import base64
 import hashlib
 import ipaddress
 import sys
+from datetime import timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -57,6 +58,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "import_export",
+    "axes",
     "governance",
     "gateway",
     "keys",
@@ -74,7 +76,19 @@ MIDDLEWARE = [
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "axes.middleware.AxesMiddleware",  # last: it turns a lockout into its answer
 ]
+
+# Login throttling (django-axes): after TOLLGATE_LOGIN_FAILURE_LIMIT failures, a username, and separately an
+# address, is locked out for TOLLGATE_LOGIN_LOCKOUT_MINUTES (the right password included); every lockout is
+# audited; IT unlocks in the admin (Access attempts). The address is the client's (TRUSTED_PROXIES).
+AUTHENTICATION_BACKENDS = ["axes.backends.AxesStandaloneBackend", "django.contrib.auth.backends.ModelBackend"]
+AXES_FAILURE_LIMIT = _env("int", "TOLLGATE_LOGIN_FAILURE_LIMIT", default=5)
+AXES_COOLOFF_TIME = timedelta(minutes=_env("int", "TOLLGATE_LOGIN_LOCKOUT_MINUTES", default=15))
+AXES_LOCKOUT_PARAMETERS = ["ip_address", "username"]
+AXES_CLIENT_IP_CALLABLE = "governance.context.client_ip_of_request"
+AXES_RESET_ON_SUCCESS = True
+AXES_VERBOSE = False
 
 ROOT_URLCONF = "governance.urls"
 WSGI_APPLICATION = "governance.wsgi.application"
@@ -137,6 +151,12 @@ DATABASES["ledger"] = {
     "CONN_MAX_AGE": None,
     "TEST": {"MIRROR": "default"},
 }
+# The role that owns the schema, for the schema changes the running application makes (next months' ledger
+# partitions, beat): in production the application's own role (DATABASE_URL) owns nothing, so it can neither
+# TRUNCATE the audit trail nor switch its append-only trigger off (README: Security). Unset: DATABASE_URL's.
+DATABASE_OWNER_URL = env.str("DATABASE_OWNER_URL", default="")
+if DATABASE_OWNER_URL:
+    DATABASES["owner"] = {**env.db_url_config(DATABASE_OWNER_URL), "CONN_MAX_AGE": 0, "TEST": {"MIRROR": "default"}}
 DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
 
 REDIS_URL = env.str("REDIS_URL", default="")
@@ -180,6 +200,7 @@ CELERY_BEAT_SCHEDULE = {
     "rollup-ledger": {"task": "ledger.tasks.rollup_ledger", "schedule": 300.0},
     "maintain-ledger-partitions": {"task": "ledger.tasks.maintain_ledger_partitions", "schedule": 86400.0},
     "reconcile-last-month": {"task": "ledger.tasks.reconcile_last_month", "schedule": crontab(minute=0, hour=6, day_of_month=1)},
+    "checkpoint-audit-head": {"task": "governance.tasks.checkpoint_audit_head", "schedule": crontab(minute=5, hour=0)},
 }
 
 # --- Internationalisation ----------------------------------------------------------------------
@@ -269,6 +290,11 @@ def _dev_encryption_key(secret: str) -> str:
 
 # Comma-separated Fernet keys; the first encrypts, all decrypt (see `manage.py rotate_encryption_keys`).
 TOLLGATE_ENCRYPTION_KEYS = _env("list", "TOLLGATE_ENCRYPTION_KEYS", default=[])
+# The audit chain's HMAC key: never stored in the database (default: derived from SECRET_KEY). Changing it
+# makes earlier events fail verification: keep the old one to verify them (see README: Security).
+TOLLGATE_AUDIT_KEY = env.str("TOLLGATE_AUDIT_KEY", default="")
+# Where the daily signed checkpoint of the audit head is appended (keep it where the database's users cannot write).
+TOLLGATE_AUDIT_CHECKPOINT_FILE = Path(env.str("TOLLGATE_AUDIT_CHECKPOINT_FILE", default=str(BASE_DIR / "var" / "audit-checkpoints.jsonl")))
 if not TOLLGATE_ENCRYPTION_KEYS:
     if not _DEV:
         raise ImproperlyConfigured("TOLLGATE_ENCRYPTION_KEYS: must be set when DEBUG is off")

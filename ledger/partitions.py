@@ -2,7 +2,7 @@
 DELETE on the hot table (no index bloat, no long locks). SQLite keeps one table."""
 from datetime import date
 
-from django.db import connection
+from django.db import connection, connections
 
 TABLE = "ledger_ledgerentry"
 
@@ -33,7 +33,8 @@ def ensure_partitions(*, start: date, months_ahead: int = 2, cursor=None) -> lis
     for _ in range(months_ahead):
         last = _next(last)
     own_cursor = cursor is None
-    cursor = cursor or connection.cursor()
+    # DDL runs as the schema's owner (DATABASE_OWNER_URL) where the application's role owns nothing.
+    cursor = cursor or connections["owner" if "owner" in connections.databases else "default"].cursor()
     try:
         while month <= last:
             name = partition_name(month)

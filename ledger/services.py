@@ -15,7 +15,7 @@ from governance.audit import audit_record
 from governance.models import BodyLogging
 from ledger import writer
 from ledger.models import CallBody, DailyRollup, LedgerEntry, RollupState
-from ledger.redaction import redact_text
+from ledger.redaction import redact_body
 
 
 @dataclass
@@ -87,7 +87,7 @@ def call_body(record: CallRecord) -> dict | None:
     """The call's prompt and response, when policy keeps them (redacted when it says so)."""
     if record.body_mode == BodyLogging.OFF or not record.request_text:
         return None
-    clean = redact_text if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
+    clean = redact_body if record.body_mode == BodyLogging.REDACTED else (lambda text: text)
     return {"mode": record.body_mode, "request": storable(clean(record.request_text)),
             "response": storable(clean(record.response_text))}
 

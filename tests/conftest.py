@@ -54,6 +54,24 @@ def _ledger_writer_stopped_before_teardown(django_db_setup, django_db_blocker, t
     writer.stop()
 
 
+@pytest.fixture(autouse=True)
+def _audit_head_of_this_test(settings, tmp_path):
+    """The audit head outside the table (Redis, the checkpoint file) is per test: an earlier test's head would
+    make this test's table look truncated."""
+    settings.TOLLGATE_AUDIT_CHECKPOINT_FILE = tmp_path / "audit-checkpoints.jsonl"
+    if os.environ.get("REDIS_URL"):
+        from governance.audit import HEAD_KEY
+        from governance.redis import get_redis
+
+        client = get_redis()
+        if client is not None:
+            try:
+                client.delete(HEAD_KEY)
+            except Exception:  # a test that stops Redis on purpose
+                pass
+    yield
+
+
 @pytest.fixture
 def person(db):
     from tests.governance.factories import PersonFactory

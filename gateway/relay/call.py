@@ -269,7 +269,8 @@ def stream_call(payload, route, client_format, record, admitted) -> RelayResult:
         except providers.UpstreamFailure as exc:
             yield fail(exc.code, exc.message)
         except translate.UpstreamStreamError as exc:
-            yield fail("upstream_error", f"{target.provider.name} sent an error mid-stream: {str(exc)[:150]}")
+            said = providers.scrub_upstream(str(exc), target.provider)[:150]
+            yield fail("upstream_error", f"{target.provider.name} sent an error mid-stream: {said}")
         except GeneratorExit:
             record.outcome, record.error_code, record.detail = (
                 LedgerEntry.Outcome.CLIENT_ABORT, "client_disconnected", "the client closed the stream")

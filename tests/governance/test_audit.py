@@ -123,3 +123,82 @@ def test_concurrent_writers_never_fork_the_chain():
     for thread in threads:
         thread.join()
     assert audit_verify() == (60, None)
+
+
+# --- A chain you can prove (issue 13): keyed, and its head kept outside the table ---------------------------
+
+@pytest.fixture
+def audit_head(settings, tmp_path, django_capture_on_commit_callbacks):
+    """Heads go where this test can see them: its own checkpoint file, and Redis emptied of earlier heads."""
+    from governance.audit import HEAD_KEY
+    from governance.redis import get_redis
+
+    settings.TOLLGATE_AUDIT_CHECKPOINT_FILE = tmp_path / "audit-checkpoints.jsonl"
+    client = get_redis()
+    if client is not None:
+        client.delete(HEAD_KEY)
+    return django_capture_on_commit_callbacks
+
+
+def test_deleting_the_newest_events_is_detected_by_the_checkpoint(person, audit_head):
+    _three_events(person)
+    head = call_command("audit_checkpoint") or AuditEvent.objects.latest("id")
+    newest = AuditEvent.objects.latest("id")
+    _tamper("DELETE FROM governance_auditevent WHERE id = %s", [newest.pk])
+    _, broken = audit_verify()
+    assert broken is not None and "newest events were deleted" in broken.reason, head
+
+
+def test_deleting_the_newest_events_is_detected_by_the_head_in_redis(person, audit_head):
+    from governance.redis import get_redis
+
+    if get_redis() is None:
+        pytest.skip("no Redis in this run")
+    with audit_head(execute=True):
+        events = _three_events(person)
+    _tamper("DELETE FROM governance_auditevent WHERE id = %s", [events[-1].pk])
+    _, broken = audit_verify()
+    assert broken is not None and "newest events were deleted" in broken.reason
+
+
+def test_a_chain_recomputed_without_the_key_is_detected(person, audit_head):
+    from governance.audit import _legacy_hash
+
+    first, second, third = _three_events(person)
+    _tamper("UPDATE governance_auditevent SET actor_label = %s WHERE id = %s", ["mallory", second.pk])
+    prev = first.hash
+    for event in (second, third):  # what an attacker with the table, and the code, but not the key can do
+        stored = AuditEvent.objects.get(pk=event.pk)
+        stored.prev_hash = prev
+        new_hash = _legacy_hash(prev, stored)
+        _tamper("UPDATE governance_auditevent SET prev_hash = %s, hash = %s WHERE id = %s", [prev, new_hash, event.pk])
+        prev = new_hash
+    _, broken = audit_verify()
+    assert broken.event_id == second.pk and "without the audit key" in broken.reason
+
+
+def test_a_forged_head_is_refused(person, audit_head, settings):
+    import json
+
+    _three_events(person)
+    settings.TOLLGATE_AUDIT_CHECKPOINT_FILE.write_text(json.dumps({"id": 1, "hash": "x", "mac": "forged"}) + "\n")
+    _, broken = audit_verify()
+    assert broken is not None and "not signed" in broken.reason
+
+
+def test_events_chained_before_the_key_still_verify(person, audit_head):
+    from governance.audit import _legacy_hash
+
+    first, second, third = _three_events(person)
+    prev = GENESIS_HASH
+    for event in (first, second):  # as written by the unkeyed chain
+        stored = AuditEvent.objects.get(pk=event.pk)
+        stored.prev_hash = prev
+        new_hash = _legacy_hash(prev, stored)
+        _tamper("UPDATE governance_auditevent SET prev_hash = %s, hash = %s WHERE id = %s", [prev, new_hash, event.pk])
+        prev = new_hash
+    stored = AuditEvent.objects.get(pk=third.pk)
+    stored.prev_hash = prev
+    _tamper("UPDATE governance_auditevent SET prev_hash = %s, hash = %s WHERE id = %s",
+            [prev, chain_hash(prev, stored), third.pk])
+    assert audit_verify() == (3, None)

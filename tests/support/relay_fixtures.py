@@ -132,11 +132,13 @@ def gunicorn(relay, tmp_path):
     port = _free_port()
     env = {**os.environ, "DATABASE_URL": url, "DEBUG": "false", "SECRET_KEY": settings.SECRET_KEY,
            "TOLLGATE_ENCRYPTION_KEYS": ",".join(settings.TOLLGATE_ENCRYPTION_KEYS), "SECURE_SSL_REDIRECT": "false",
-           "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING", "TOLLGATE_SPOOL_DIR": str(tmp_path / "spool")}
+           "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING", "TOLLGATE_SPOOL_DIR": str(tmp_path / "spool"),
+           "WEB_ACCESS_LOG": "1"}  # to tmp_path / "gunicorn-access.log"
     process = subprocess.Popen(
         [sys.executable, "-m", "gunicorn", "--config", "python:governance.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
          "--workers", "3"],
-        cwd=Path(__file__).resolve().parents[2], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        cwd=Path(__file__).resolve().parents[2], env=env, stdout=open(tmp_path / "gunicorn-access.log", "w"),  # noqa: SIM115
+        stderr=subprocess.PIPE, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:

@@ -24,6 +24,7 @@ Answers are deterministic:
 
 Behaviour scripted by the model name (for Azure, the deployment name), on every endpoint:
     fail-500, fail-429 (Retry-After: 1), fail-400   error JSON in the endpoint's dialect
+    fail-400-echo-key   400 whose message repeats the API key it was sent (and its last 6 characters)
     slow-<s>        sleep <s> seconds, then answer normally
     malformed       200 with the body ``{"this is": not json``
     truncated       stream: role chunk + two content chunks, then the connection is closed;
@@ -358,6 +359,9 @@ class _Handler(BaseHTTPRequestHandler):
                 return self._error(429, "stub rate limit", anthropic, extra=(("Retry-After", "1"),))
             if model == "fail-400":
                 return self._error(400, "stub invalid request", anthropic)
+            if model == "fail-400-echo-key":  # as some providers do: the key it was sent, in the message
+                sent = headers.get("api-key") or headers.get("x-api-key") or auth[7:]
+                return self._error(400, f"invalid request for key {sent} (ends in {sent[-6:]})", anthropic)
         elif model == "refuse":
             raise _Abort
         elif model == "malformed":

@@ -22,7 +22,8 @@ def grants_for_owner(person) -> list[Grant]:
 
 
 def increases_awaiting(person):
-    pending = IncreaseRequest.objects.filter(status=IncreaseRequest.Status.PENDING).select_related("grant", "requester")
+    pending = (IncreaseRequest.objects.filter(status=IncreaseRequest.Status.PENDING).exclude(requester=person)
+               .select_related("grant", "requester"))  # never one's own (budgets.services.increase_decide)
     if person.has_perm("budgets.change_grant"):
         return pending
     return pending.filter(approver=person)

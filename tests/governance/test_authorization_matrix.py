@@ -1,0 +1,228 @@
+"""Who may reach what: every page, form POST and relay endpoint of the URL configuration, and every admin
+changelist and add form, for each role and for anonymous, on objects of the person's own team and of
+another team. The expected outcome of each cell is in the tables below; a route or admin that has no row
+fails the test (add its row when you add it).
+
+Outcomes: O reached (200, a redirect after acting, or 400 for a form with errors), L sent to log in,
+D refused (403), H not found (404: the object is not theirs to see), K the relay's 401 (a key is needed:
+a session is not a key), - no such cell.
+Roles, in column order: anonymous, employee (member of team A, holds the own key and the own grant),
+approver of team A, owner of team A, IT admin, finance, security auditor (the last three in no team).
+"""
+from decimal import Decimal
+
+import pytest
+from django.contrib import admin
+from django.urls import URLPattern, URLResolver, get_resolver, reverse
+from django.utils import timezone
+
+from budgets.models import Grant, IncreaseRequest
+from governance import roles
+from governance.models import Membership
+from keys.models import AccessRequest
+from ledger.models import Reconciliation
+from tests.budgets.factories import GrantFactory
+from tests.gateway.factories import ModelAliasFactory, ProviderFactory
+from tests.governance.factories import MembershipFactory, PersonFactory, TeamFactory
+from tests.keys.factories import VirtualKeyFactory
+
+pytestmark = pytest.mark.django_db
+ROLES = ["anon", "employee", "approver", "owner", "it", "finance", "auditor"]
+
+# route name -> {(method, variant): outcomes by role}. variant: "own" (team A's object), "other" (team B's),
+# "-" (a route without an object).
+PAGES = {
+    "home": {("GET", "-"): "OOOOOOO"},
+    "healthz": {("GET", "-"): "OOOOOOO"},
+    "readyz": {("GET", "-"): "OOOOOOO"},
+    "login": {("GET", "-"): "OOOOOOO"},
+    "logout": {("POST", "-"): "OOOOOOO"},
+    "keys:my-keys": {("GET", "-"): "LOOOOOO"},
+    "keys:request": {("GET", "-"): "LOOOOOO"},
+    "keys:approvals": {("GET", "-"): "LOOOOOO"},
+    "keys:key-detail": {("GET", "own"): "LOOOOOO", ("GET", "other"): "LHHHOOO"},
+    "keys:key-rotate": {("POST", "own"): "LODDDDD", ("POST", "other"): "LHHHDDD"},
+    "keys:key-revoke": {("POST", "own"): "LOOOODD", ("POST", "other"): "LHHHODD"},
+    "keys:key-change": {("POST", "own"): "LODDDDD", ("POST", "other"): "LHHHDDD"},
+    "keys:request-collect": {("POST", "own"): "LOHHHHH", ("POST", "other"): "LHHHHHH"},
+    "keys:request-decide": {("POST", "own"): "LHOOOHH", ("POST", "other"): "LHHHOHH"},
+    "budgets:my-grants": {("GET", "-"): "LOOOOOO"},
+    "budgets:delegate": {("POST", "own"): "LODDODD", ("POST", "other"): "LDDDODD"},
+    "budgets:increase": {("POST", "own"): "LODDDDD", ("POST", "other"): "LDDDDDD"},
+    "budgets:renew": {("POST", "own"): "LODDODD", ("POST", "other"): "LDDDODD"},
+    "budgets:decide-increase": {("POST", "own"): "LHHOOHH", ("POST", "other"): "LHHHOHH"},
+    "ledger:chargeback": {("GET", "-"): "LDDDOOO"},
+    "ledger:reconciliations": {("GET", "-"): "LDDDOOO"},
+    "ledger:reconciliation": {("GET", "-"): "LDDDOOO"},
+    "relay-chat": {("POST", "-"): "KKKKKKK"},
+    "relay-messages": {("POST", "-"): "KKKKKKK"},
+    "relay-embeddings": {("POST", "-"): "KKKKKKK"},
+    "relay-models": {("GET", "-"): "KKKKKKK"},
+    "relay-unknown": {("GET", "-"): "HHHHHHH"},  # any other /v1 path: JSON 404, ledgered
+}
+
+# admin model -> (changelist, add form), by role. Non-staff people and anonymous go to the admin's login.
+ADMIN = {
+    "auth.group": ("LLLLDDD", "LLLLDDD"),
+    "axes.accessattempt": ("LLLLODO", "LLLLDDD"),
+    "axes.accessfailurelog": ("LLLLODO", "LLLLDDD"),
+    "axes.accesslog": ("LLLLODO", "LLLLDDD"),
+    "budgets.grant": ("LLLLOOO", "LLLLODD"),
+    "budgets.grantalert": ("LLLLOOO", "LLLLDDD"),
+    "budgets.increaserequest": ("LLLLOOO", "LLLLDDD"),
+    "gateway.modelalias": ("LLLLOOO", "LLLLODD"),
+    "gateway.modelprice": ("LLLLOOO", "LLLLODD"),
+    "gateway.provider": ("LLLLOOO", "LLLLODD"),  # finance reads providers (reconciliation); secrets never shown
+    "gateway.providermodel": ("LLLLOOO", "LLLLODD"),
+    "governance.auditevent": ("LLLLOOO", "LLLLDDD"),
+    "governance.costcenter": ("LLLLOOO", "LLLLODD"),
+    "governance.department": ("LLLLOOO", "LLLLODD"),
+    "governance.membership": ("LLLLOOO", "LLLLODD"),
+    "governance.person": ("LLLLOOO", "LLLLODD"),
+    "governance.team": ("LLLLOOO", "LLLLODD"),
+    "keys.accessrequest": ("LLLLOOO", "LLLLDDD"),
+    "keys.provisioningpolicy": ("LLLLOOO", "LLLLODD"),
+    "keys.virtualkey": ("LLLLOOO", "LLLLDDD"),
+    "ledger.callbody": ("LLLLODO", "LLLLDDD"),
+    "ledger.dailyrollup": ("LLLLOOO", "LLLLDDD"),
+    "ledger.ledgerentry": ("LLLLOOO", "LLLLDDD"),
+    "ledger.providercostimport": ("LLLLOOO", "LLLLDDD"),  # imported from the reconciliation pages, not added
+    "ledger.reconciliation": ("LLLLOOO", "LLLLDDD"),
+}
+
+
+def _routes() -> dict[str, URLPattern]:
+    found = {}
+
+    def walk(patterns, namespace=None):
+        for pattern in patterns:
+            if isinstance(pattern, URLResolver):
+                if pattern.app_name == "admin":
+                    continue
+                walk(pattern.url_patterns, pattern.namespace or namespace)
+            else:
+                name = pattern.name or ("relay-unknown" if "v1/" in str(pattern.pattern) else str(pattern.pattern))
+                found[f"{namespace}:{name}" if namespace else name] = pattern
+
+    walk(get_resolver().url_patterns)
+    return found
+
+
+def test_every_route_and_admin_has_its_row():
+    assert set(_routes()) == set(PAGES), "routes without a row in PAGES (or rows without a route)"
+    assert {m._meta.label_lower for m in admin.site._registry} == set(ADMIN), "admins without a row in ADMIN"
+
+
+class World:
+    """Team A (the employee's, with its approver and owner) and team B, with one of each object in each."""
+
+    def __init__(self):
+        self.team_a, self.team_b = TeamFactory(slug="team-a"), TeamFactory(slug="team-b")
+        self.employee = MembershipFactory(team=self.team_a).person
+        self.approver = MembershipFactory(team=self.team_a, role=Membership.Role.APPROVER).person
+        self.owner = self.team_a.owner
+        stranger = MembershipFactory(team=self.team_b).person
+        self.people = {
+            "anon": None, "employee": self.employee, "approver": self.approver, "owner": self.owner,
+            "it": PersonFactory(roles=[roles.IT_ADMIN]), "finance": PersonFactory(roles=[roles.FINANCE]),
+            "auditor": PersonFactory(roles=[roles.SECURITY_AUDITOR]),
+        }
+        alias = ModelAliasFactory(name="fast")
+        self.key = {"own": VirtualKeyFactory(person=self.employee, team=self.team_a),
+                    "other": VirtualKeyFactory(person=stranger, team=self.team_b)}
+        team_grants = {"own": GrantFactory(name="A", owner=self.owner, team=self.team_a, limit_amount=Decimal("1000"),
+                                           renews_at=timezone.localdate() + timezone.timedelta(days=30)),
+                       "other": GrantFactory(name="B", owner=self.team_b.owner, team=self.team_b,
+                                             limit_amount=Decimal("1000"),
+                                             renews_at=timezone.localdate() + timezone.timedelta(days=30))}
+        self.grant = {
+            variant: GrantFactory(name=f"project {variant}", owner=holder, parent=team_grants[variant],
+                                  scope=Grant.Scope.PROJECT, project=variant, team=team, limit_amount=Decimal("100"),
+                                  renews_at=timezone.localdate() + timezone.timedelta(days=30))
+            for variant, holder, team in (("own", self.employee, self.team_a), ("other", stranger, self.team_b))
+        }
+        self.increase = {
+            variant: IncreaseRequest.objects.create(grant=self.grant[variant], requester=self.grant[variant].owner,
+                                                    new_limit=Decimal("500"), from_limit=Decimal("100"), reason="more",
+                                                    approver=team_grants[variant].owner)
+            for variant in ("own", "other")
+        }
+
+        def request(requester, team, status):
+            made = AccessRequest.objects.create(requester=requester, team=team, use_case="x", key_class="experimentation",
+                                                environment="development", project="p", duration_days=30, status=status)
+            made.aliases.set([alias])
+            return made
+
+        self.pending = {"own": request(self.employee, self.team_a, AccessRequest.Status.PENDING),
+                        "other": request(stranger, self.team_b, AccessRequest.Status.PENDING)}
+        self.approved = {"own": request(self.employee, self.team_a, AccessRequest.Status.APPROVED),
+                         "other": request(stranger, self.team_b, AccessRequest.Status.APPROVED)}
+        self.reconciliation = Reconciliation.objects.create(
+            provider=ProviderFactory(), month=timezone.localdate().replace(day=1), billed=1, ledger=1,
+            status=Reconciliation.Status.choices[0][0])
+
+    def url(self, name: str, variant: str) -> str:
+        by_object = {
+            "keys:key-detail": self.key, "keys:key-rotate": self.key, "keys:key-revoke": self.key,
+            "keys:key-change": self.key, "keys:request-collect": self.approved, "keys:request-decide": self.pending,
+            "budgets:delegate": self.grant, "budgets:increase": self.grant, "budgets:renew": self.grant,
+            "budgets:decide-increase": self.increase,
+        }
+        if name in by_object:
+            return reverse(name, args=[by_object[name][variant].pk])
+        if name == "ledger:reconciliation":
+            return reverse(name, args=[self.reconciliation.pk])
+        if name == "relay-unknown":
+            return "/v1/nothing-here"
+        return reverse(name)
+
+
+FORMS = {  # a valid body for each form POST, so "O" means the action was taken
+    "keys:key-revoke": {"reason": "matrix"},
+    "keys:key-change": {"kind": "extension", "use_case": "more time", "duration_days": "30"},
+    "keys:request-decide": {"decision": "approve", "reason": "matrix"},
+    "budgets:delegate": {"name": "child", "scope": "project", "project": "child", "limit_amount": "1"},
+    "budgets:increase": {"new_limit": "150", "reason": "matrix"},
+    "budgets:decide-increase": {"decision": "approve", "reason": "matrix"},
+}
+
+
+def outcome(response) -> str:
+    status = response.status_code
+    if status in (301, 302) and "login" in response.get("Location", ""):
+        return "L"
+    if status == 401:
+        return "K"
+    return {403: "D", 404: "H"}.get(status, "O" if status in (200, 302, 400) else f"?{status}")
+
+
+CELLS = [(name, method, variant, role) for name, cells in PAGES.items() for (method, variant) in cells for role in ROLES]
+
+
+@pytest.mark.parametrize("name, method, variant, role", CELLS, ids=[f"{n}-{m}-{v}-{r}" for n, m, v, r in CELLS])
+def test_page(client, name, method, variant, role, settings):
+    settings.AXES_ENABLED = False  # the matrix logs in many times from one address
+    world = World()
+    person = world.people[role]
+    if person is not None:
+        client.force_login(person)
+    url = world.url(name, variant)
+    response = client.post(url, FORMS.get(name, {})) if method == "POST" else client.get(url)
+    expected = PAGES[name][(method, variant)][ROLES.index(role)]
+    assert outcome(response) == expected, f"{method} {url} as {role}: {response.status_code}"
+
+
+ADMIN_CELLS = [(model, page, role) for model in ADMIN for page in ("changelist", "add") for role in ROLES]
+
+
+@pytest.mark.parametrize("model, page, role", ADMIN_CELLS, ids=[f"{m}-{p}-{r}" for m, p, r in ADMIN_CELLS])
+def test_admin(client, model, page, role):
+    world = World()
+    person = world.people[role]
+    if person is not None:
+        client.force_login(person)
+    app_label, model_name = model.split(".")
+    response = client.get(reverse(f"admin:{app_label}_{model_name}_{page}"))
+    expected = ADMIN[model][0 if page == "changelist" else 1][ROLES.index(role)]
+    assert outcome(response) == expected, f"admin {model} {page} as {role}: {response.status_code}"

@@ -19,7 +19,18 @@ def default_thresholds() -> list[int]:
     return [50, 80, 100]
 
 
+class GrantQuerySet(models.QuerySet):
+    def manageable_by(self, person) -> "GrantQuerySet":
+        """Who may change which grants (delegate, renew, and the admin): IT (change permission) all; everyone
+        else the grants they own. Finance and auditors see grants and change none."""
+        if person.has_perm("budgets.change_grant"):
+            return self
+        return self.filter(owner=person)
+
+
 class Grant(models.Model):
+    objects = GrantQuerySet.as_manager()
+
     class Scope(models.TextChoices):
         ORG = "org", "Organisation"
         DEPARTMENT = "department", "Department"

@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 
 def _may_manage(person: Person, grant: Grant) -> bool:
-    return grant.owner_id == person.pk or person.has_perm("budgets.change_grant")
+    return Grant.objects.manageable_by(person).filter(pk=grant.pk).exists()
 
 
 @transaction.atomic

@@ -28,7 +28,7 @@ def my_grants(request):
 
 def _owned(request, pk: int) -> Grant:
     grant = get_object_or_404(Grant.objects.select_related("owner", "parent"), pk=pk)
-    if grant.owner_id != request.user.pk and not request.user.has_perm("budgets.change_grant"):
+    if not Grant.objects.manageable_by(request.user).filter(pk=grant.pk).exists():
         raise PermissionDenied("Only the grant's owner can do this.")
     return grant
 

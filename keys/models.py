@@ -155,7 +155,21 @@ class ProvisioningPolicy(models.Model):
         return reasons
 
 
+class AccessRequestQuerySet(models.QuerySet):
+    def decidable_by(self, person) -> "AccessRequestQuerySet":
+        """Who may decide which requests: IT (change permission on requests) any team's, a team's owner and
+        its owners and approvers their team's; nobody their own (separation of duties, IT included)."""
+        mine = self.exclude(requester=person)
+        if person.has_perm("keys.change_accessrequest"):
+            return mine
+        teams = Membership.objects.filter(
+            person=person, role__in=[Membership.Role.OWNER, Membership.Role.APPROVER]).values("team_id")
+        return mine.filter(Q(team_id__in=teams) | Q(team__owner=person))
+
+
 class AccessRequest(models.Model):
+    objects = AccessRequestQuerySet.as_manager()
+
     class Kind(models.TextChoices):
         NEW_KEY = "new_key", "New key"
         EXTENSION = "extension", "Extension"

@@ -159,14 +159,6 @@ def keys_for_person(person):
 
 
 def requests_awaiting(person):
-    """Pending requests this person may decide: all but their own for IT, else those of teams they own or
-    approve for (never their own: services.requests._pending_for says so too)."""
-    from governance.models import Membership
-
-    pending = (AccessRequest.objects.filter(status=AccessRequest.Status.PENDING).exclude(requester=person)
-               .select_related("requester", "team", "key"))
-    if person.has_perm("keys.change_accessrequest"):
-        return pending
-    teams = Membership.objects.filter(
-        person=person, role__in=[Membership.Role.OWNER, Membership.Role.APPROVER]).values("team_id")
-    return pending.filter(Q(team_id__in=teams) | Q(team__owner=person))
+    """Pending requests this person may decide (AccessRequest.objects.decidable_by)."""
+    return (AccessRequest.objects.decidable_by(person).filter(status=AccessRequest.Status.PENDING)
+            .select_related("requester", "team", "key"))

@@ -15,7 +15,6 @@ from keys.services.requests import (
     RequestRefused,
     Submitted,
     approvers_of,
-    can_approve,
     request_approve,
     request_change,
     request_collect,
@@ -24,7 +23,7 @@ from keys.services.requests import (
 )
 
 __all__ = [
-    "IssuedKey", "KeyStateError", "RequestRefused", "Submitted", "SweepResult", "approvers_of", "can_approve",
+    "IssuedKey", "KeyStateError", "RequestRefused", "Submitted", "SweepResult", "approvers_of",
     "key_extend", "key_issue", "key_reactivate", "key_revoke", "key_rotate", "key_suspend", "keys_expire_sweep",
     "request_approve", "request_change", "request_collect", "request_deny", "request_submit",
 ]

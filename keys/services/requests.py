@@ -27,15 +27,6 @@ class Submitted:
     issued: IssuedKey | None  # set when policy provisioned the key at once
 
 
-def can_approve(person: Person, team: Team) -> bool:
-    """IT (change permission on requests), the team's owner, and the team's owners and approvers."""
-    if person.has_perm("keys.change_accessrequest") or team.owner_id == person.pk:
-        return True
-    return Membership.objects.filter(
-        person=person, team=team, role__in=[Membership.Role.OWNER, Membership.Role.APPROVER]
-    ).exists()
-
-
 def approvers_of(team: Team) -> list[Person]:
     people = {team.owner}
     people.update(m.person for m in team.memberships.filter(
@@ -129,7 +120,7 @@ def _pending_for(request: AccessRequest, actor: Person) -> AccessRequest:
         raise RequestRefused(f"This request was already {request.status}.")
     if request.requester_id == actor.pk:  # separation of duties: IT included, another approver decides
         raise PermissionDenied("You cannot decide your own request: another approver or IT must.")
-    if not can_approve(actor, request.team):
+    if not AccessRequest.objects.decidable_by(actor).filter(pk=request.pk).exists():
         raise PermissionDenied("You cannot decide requests for this team.")
     return request
 

@@ -49,7 +49,21 @@ def _model_of(text: str) -> str:
     return (text or "").split(",")[0].strip().lower()
 
 
+MAX_AMOUNT = Decimal(10) ** 10  # what the amount columns hold (18 digits, 8 after the point)
+
+
 def parse(source: str, content: bytes) -> list[BilledLine]:
+    """The file's lines, or a ValidationError on `file` naming what is wrong (nothing is imported)."""
+    lines = _parse(source, content)
+    for number, line in enumerate(lines, start=1):
+        if not line.amount.is_finite() or abs(line.amount) >= MAX_AMOUNT:
+            raise ValidationError({"file": f"Line {number}: the amount {line.amount} is not an amount of money."})
+        if not 0 <= line.tokens < 2 ** 31:
+            raise ValidationError({"file": f"Line {number}: {line.tokens} is not a token count."})
+    return lines
+
+
+def _parse(source: str, content: bytes) -> list[BilledLine]:
     try:
         if source == Source.OPENAI_COSTS:
             lines = []
@@ -74,7 +88,7 @@ def parse(source: str, content: bytes) -> list[BilledLine]:
         return [BilledLine(date.fromisoformat(row["date"].strip()[:10]), _model_of(row.get("model", "")),
                            (row.get("project") or "").strip(), "", int(row.get("tokens") or 0), Decimal(row["amount"].strip()))
                 for row in rows]
-    except (KeyError, ValueError, TypeError, InvalidOperation, json.JSONDecodeError) as exc:
+    except (KeyError, ValueError, TypeError, InvalidOperation, json.JSONDecodeError, csv.Error, RecursionError) as exc:
         raise ValidationError({"file": f"This is not a {Source(source).label} file ({type(exc).__name__}: {exc})."}) from None
 
 
@@ -160,15 +174,20 @@ def reconcile(*, provider: Provider, month: date, actor=None) -> Reconciliation:
     for day, model in sorted(set(billed) | set(ledger)):
         billed_amount, ledger_amount = billed.get((day, model), Decimal(0)), ledger.get((day, model), Decimal(0))
         drift = billed_amount - ledger_amount
+        explanation = ""
         if billed_amount > 0 and ledger_amount == 0:
             flag = ReconciliationLine.Flag.BYPASS
+        elif billed_amount < 0 and ledger_amount == 0:  # a credit or refund: drift, but no bypass, and no ratio
+            flag = ReconciliationLine.Flag.DRIFT
+            explanation = "a credit or refund from the provider on a day without ledger spend for this model"
         elif ledger_amount > 0 and billed_amount == 0:
             flag = ReconciliationLine.Flag.UNBILLED
-        elif abs(drift) > abs_limit and abs(drift) / ledger_amount * 100 > pct_limit:
+        elif ledger_amount and abs(drift) > abs_limit and abs(drift) / abs(ledger_amount) * 100 > pct_limit:
             flag = ReconciliationLine.Flag.DRIFT
         else:
             flag = ReconciliationLine.Flag.OK
-        explanation = "" if flag == ReconciliationLine.Flag.OK else _explain(provider, model, day, drift, first, following)
+        if flag != ReconciliationLine.Flag.OK and not explanation:
+            explanation = _explain(provider, model, day, drift, first, following)
         lines.append(ReconciliationLine(reconciliation=result, day=day, model=model, billed=billed_amount, ledger=ledger_amount, flag=flag,
                                         explanation=explanation))
     ReconciliationLine.objects.bulk_create(lines)

@@ -182,3 +182,29 @@ def test_costs_are_fetched_from_the_providers_cost_api_with_the_admin_key(provid
         server.shutdown()
     assert record.lines == 2 and sum(line.amount for line in ProviderCostLine.objects.all()) == Decimal("5")
     assert seen == [("/v1/organization/costs", "Bearer sk-admin-cost-reader")] * 2
+
+
+def test_a_credit_on_a_day_without_ledger_spend_reconciles_as_drift(provider, ledger):
+    """Reproduction (issue 14): a negative line on a model/day with no ledger spend divided by zero."""
+    cost_import(provider=provider, source="openai_costs", file_name="credit.json",
+                content=openai_costs((1, "gpt-4o-mini-2024-07-18, input", 10.0), (2, "gpt-4o-mini-2024-07-18, input", 5.0),
+                                     (9, "gpt-4o-mini-2024-07-18, input", -3.0)))
+    result = reconcile(provider=provider, month=MONTH)
+    credit = result.lines.get(day=date(2026, 10, 9))
+    assert (credit.billed, credit.ledger, credit.flag) == (Decimal("-3"), Decimal("0"), "drift")
+    assert "credit" in credit.explanation
+
+
+@pytest.mark.parametrize("amount", ["NaN", "Infinity", "-Infinity", "1e20", "sNaN"])
+def test_amounts_that_are_not_money_are_a_field_error(provider, amount):
+    csv_text = f"date,provider,model,project,tokens,amount\n2026-10-03,OpenAI,gpt-4o-mini,search,1200,{amount}\n".encode()
+    with pytest.raises(ValidationError, match="amount"):
+        cost_import(provider=provider, source="csv", file_name="bad.csv", content=csv_text)
+    assert not ProviderCostLine.objects.exists()
+
+
+def test_an_over_long_csv_field_is_a_field_error(provider):
+    csv_text = b"date,provider,model,project,tokens,amount\n2026-10-03,OpenAI," + b"x" * 200_000 + b",p,1,0.42\n"
+    with pytest.raises(ValidationError, match="file"):
+        cost_import(provider=provider, source="csv", file_name="long.csv", content=csv_text)
+    assert not ProviderCostLine.objects.exists()

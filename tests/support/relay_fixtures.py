@@ -134,11 +134,13 @@ def gunicorn(relay, tmp_path):
            "TOLLGATE_ENCRYPTION_KEYS": ",".join(settings.TOLLGATE_ENCRYPTION_KEYS), "SECURE_SSL_REDIRECT": "false",
            "ALLOWED_HOSTS": "127.0.0.1", "LOG_LEVEL": "WARNING", "TOLLGATE_SPOOL_DIR": str(tmp_path / "spool"),
            "WEB_ACCESS_LOG": "1"}  # to tmp_path / "gunicorn-access.log"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "gunicorn", "--config", "python:governance.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
-         "--workers", "3"],
-        cwd=Path(__file__).resolve().parents[2], env=env, stdout=open(tmp_path / "gunicorn-access.log", "w"),  # noqa: SIM115
-        stderr=subprocess.PIPE, start_new_session=True)
+    # Files, never pipes: nobody reads a pipe during the test, and once its 64 KB buffer is full of log lines a
+    # worker blocks in its next write (a hang seen in CI: a worker stuck in StreamHandler.emit on stderr).
+    with open(tmp_path / "gunicorn-access.log", "w") as access, open(tmp_path / "gunicorn-stderr.log", "w") as errors:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "gunicorn", "--config", "python:governance.gunicorn_conf", "--bind", f"127.0.0.1:{port}",
+             "--workers", "3"],
+            cwd=Path(__file__).resolve().parents[2], env=env, stdout=access, stderr=errors, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 30
     while time.monotonic() < deadline:
@@ -149,7 +151,7 @@ def gunicorn(relay, tmp_path):
             time.sleep(0.2)
     else:
         process.kill()
-        pytest.fail("gunicorn did not start: " + process.stderr.read().decode()[-2000:])
+        pytest.fail("gunicorn did not start: " + (tmp_path / "gunicorn-stderr.log").read_text()[-2000:])
     yield base
     os.killpg(process.pid, signal.SIGTERM)
     try:
@@ -158,7 +160,8 @@ def gunicorn(relay, tmp_path):
         stacks = _stacks_of(process.pid)
         os.killpg(process.pid, signal.SIGKILL)
         process.wait(timeout=5)
-        pytest.fail(f"gunicorn did not stop within 15 s; stderr:\n{process.stderr.read().decode()[-3000:]}\n{stacks}")
+        stderr = (tmp_path / "gunicorn-stderr.log").read_text()[-3000:]
+        pytest.fail(f"gunicorn did not stop within 15 s; stderr:\n{stderr}\n{stacks}")
 
 
 def _stacks_of(pid: int) -> str:

@@ -3,7 +3,7 @@ stored encrypted, never displayed."""
 from django import forms
 from django.contrib import admin
 
-from gateway.models import Deployment, ModelAlias, ModelPrice, Provider, ProviderModel
+from gateway.models import BilledModelName, Deployment, ModelAlias, ModelPrice, Provider, ProviderModel
 from governance.admin import AuditedModelAdmin
 from governance.audit import audit_record
 
@@ -66,13 +66,29 @@ class ModelPriceInline(admin.TabularInline):
     extra = 0
 
 
+class BilledModelNameInline(admin.TabularInline):
+    """How the provider's bills name this model: reconciliation matches billed lines only through these."""
+
+    model = BilledModelName
+    extra = 0
+
+
 @admin.register(ProviderModel)
 class ProviderModelAdmin(AuditedModelAdmin):
     list_display = ["name", "provider", "max_output_tokens", "context_window"]
     list_filter = ["provider"]
     list_select_related = ["provider"]
     search_fields = ["name", "provider__name"]
-    inlines = [ModelPriceInline]
+    inlines = [ModelPriceInline, BilledModelNameInline]
+
+
+@admin.register(BilledModelName)
+class BilledModelNameAdmin(AuditedModelAdmin):
+    list_display = ["name", "snapshot_suffix", "provider_model"]
+    list_filter = ["provider_model__provider"]
+    list_select_related = ["provider_model__provider"]
+    search_fields = ["name", "provider_model__name"]
+    autocomplete_fields = ["provider_model"]
 
 
 @admin.register(ModelPrice)

@@ -85,3 +85,23 @@ def _forget() -> None:
 
 
 runtime.keeps(runtime.CATALOG, _forget)
+
+
+def billed_model_matcher(provider: Provider):
+    """A function from a billed model name to the catalog model it is, or None. Only a catalog model's own
+    name (exactly) and the billed names table (gateway.BilledModelName: a name and its dated snapshots)
+    match; never a prefix: gpt-4o-realtime-preview-2024-12-17 is not gpt-4o, claude-sonnet-4-5-20250929 is
+    not claude-sonnet-4."""
+    from gateway.models import BilledModelName
+
+    exact = {m.name.lower(): m.name for m in ProviderModel.objects.filter(provider=provider)}
+    names = list(BilledModelName.objects.filter(provider_model__provider=provider).select_related("provider_model"))
+
+    def match(billed: str) -> str | None:
+        billed = billed.strip().lower()
+        found = {n.provider_model.name for n in names if n.matches(billed)}
+        if billed in exact:
+            found.add(exact[billed])
+        return found.pop() if len(found) == 1 else None  # two catalog models claiming a name: neither
+
+    return match

@@ -1,4 +1,5 @@
 """Providers (with encrypted API keys), the model catalog (aliases -> ordered deployments) and prices."""
+import re
 from decimal import Decimal
 
 from django.db import models
@@ -132,3 +133,40 @@ class Deployment(models.Model):
 
     def __str__(self) -> str:
         return f"{self.alias} -> {self.provider_model} (#{self.priority})"
+
+
+class BilledModelName(models.Model):
+    """How a provider names a catalog model on its bills and cost exports. Reconciliation matches billed
+    lines to catalog models only through this table (and a catalog model's own name, exactly): a billed
+    name nothing here matches is its own line, flagged as spend that may not have gone through Tollgate."""
+
+    OPENAI_SNAPSHOT = r"-\d{4}-\d{2}-\d{2}"
+    ANTHROPIC_SNAPSHOT = r"-\d{8}"
+
+    provider_model = models.ForeignKey(ProviderModel, on_delete=models.CASCADE, related_name="billed_names")
+    name = models.CharField(max_length=120, help_text="The name on the bill, e.g. gpt-4o-mini or claude-sonnet-4.")
+    snapshot_suffix = models.CharField(
+        max_length=60, blank=True,
+        help_text=r"A regular expression for the dated snapshots billed under this name, e.g. -\d{4}-\d{2}-\d{2} "
+                  r"(OpenAI: gpt-4o-mini-2024-07-18) or -\d{8} (Anthropic: claude-sonnet-4-20250514). Empty: "
+                  "the exact name only.")
+
+    class Meta:
+        ordering = ["provider_model", "name"]
+        constraints = [models.UniqueConstraint(fields=["provider_model", "name"], name="billed_model_name_unique")]
+
+    def __str__(self) -> str:
+        return f"{self.name}{self.snapshot_suffix} -> {self.provider_model}"
+
+    def clean(self) -> None:
+        from django.core.exceptions import ValidationError
+
+        self.name = self.name.strip().lower()
+        try:
+            re.compile(self.snapshot_suffix)
+        except re.error as error:
+            raise ValidationError({"snapshot_suffix": f"Not a regular expression: {error}."}) from None
+
+    def matches(self, billed: str) -> bool:
+        return billed == self.name or bool(self.snapshot_suffix) and re.fullmatch(
+            re.escape(self.name) + f"(?:{self.snapshot_suffix})", billed) is not None

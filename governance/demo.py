@@ -9,7 +9,7 @@ from django.contrib.auth.models import Group
 from django.db import transaction
 
 from budgets.models import Grant
-from gateway.models import Deployment, ModelAlias, ModelPrice, Provider, ProviderModel
+from gateway.models import BilledModelName, Deployment, ModelAlias, ModelPrice, Provider, ProviderModel
 from governance import roles
 from governance.audit import audit_record
 from governance.models import CostCenter, Department, Membership, Person, Team
@@ -112,6 +112,9 @@ def load_demo(*, provider_url: str | None = None) -> Demo:
             defaults={"input_per_mtok": Decimal(price_in), "output_per_mtok": Decimal(price_out),
                       "cached_input_per_mtok": Decimal(price_cached)},
         )
+        BilledModelName.objects.update_or_create(  # how its bills name it: reconciliation matches through this
+            provider_model=model, name=model_name,
+            defaults={"snapshot_suffix": BilledModelName.OPENAI_SNAPSHOT if provider_url else ""})
         alias, _ = ModelAlias.objects.update_or_create(name=alias_name, defaults={"kind": kind_, "tier": tier})
         Deployment.objects.update_or_create(alias=alias, provider_model=model, defaults={"priority": 0})
 

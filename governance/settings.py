@@ -172,6 +172,8 @@ else:
     CACHES = {"default": {"BACKEND": "django.core.cache.backends.db.DatabaseCache", "LOCATION": "tollgate_cache"}}
 
 # --- Celery ------------------------------------------------------------------------------------
+# How often the daily rollups (every report, reconciliation included, reads them) fold in new ledger rows.
+TOLLGATE_ROLLUP_SECONDS = _env("int", "TOLLGATE_ROLLUP_SECONDS", default=60)
 CELERY_BROKER_URL = env.str("CELERY_BROKER_URL", default="filesystem://")
 if CELERY_BROKER_URL.startswith("filesystem://"):
     _broker_dir = VAR_DIR / "broker"
@@ -197,7 +199,7 @@ CELERY_BEAT_SCHEDULE = {
     "verify-grant-counters": {"task": "budgets.tasks.verify_grant_counters", "schedule": 3600.0},
     "deliver-pending-grant-alerts": {"task": "budgets.tasks.deliver_pending_grant_alerts", "schedule": 60.0},
     "forecast-grant-spend": {"task": "budgets.tasks.forecast_grant_spend", "schedule": 86400.0},
-    "rollup-ledger": {"task": "ledger.tasks.rollup_ledger", "schedule": 300.0},
+    "rollup-ledger": {"task": "ledger.tasks.rollup_ledger", "schedule": float(TOLLGATE_ROLLUP_SECONDS)},
     "maintain-ledger-partitions": {"task": "ledger.tasks.maintain_ledger_partitions", "schedule": 86400.0},
     "reconcile-last-month": {"task": "ledger.tasks.reconcile_last_month", "schedule": crontab(minute=0, hour=6, day_of_month=1)},
     "checkpoint-audit-head": {"task": "governance.tasks.checkpoint_audit_head", "schedule": crontab(minute=5, hour=0)},
@@ -281,6 +283,10 @@ TOLLGATE_HOLD_SECONDS = _env("int", "TOLLGATE_HOLD_SECONDS", default=900)
 # Reconciliation: a day x model line (and a month) drifts when both thresholds are passed.
 TOLLGATE_RECONCILE_DRIFT_ABS = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_ABS", default="1.00"))
 TOLLGATE_RECONCILE_DRIFT_PCT = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_PCT", default="2"))
+# Provider cost files: uploads above this are refused; accepted ones are stored here (shared by web and
+# worker: a volume in docker-compose) and read by the worker.
+TOLLGATE_COST_IMPORT_MAX_BYTES = _env("int", "TOLLGATE_COST_IMPORT_MAX_BYTES", default=200 * 1024 * 1024)
+MEDIA_ROOT = Path(env.str("TOLLGATE_MEDIA_DIR", default=str(VAR_DIR / "media")))
 TOLLGATE_GRANT_AUTO_INCREASE = Decimal(_env("str", "TOLLGATE_GRANT_AUTO_INCREASE", default="100"))
 
 

@@ -9,7 +9,7 @@ from import_export.admin import ExportActionMixin
 from governance.admin import ReadOnlyAdminMixin
 from governance.spreadsheets import safe_cell
 from ledger.forms import AdjustmentForm
-from ledger.models import CallBody, DailyRollup, LedgerEntry, ProviderCostImport, Reconciliation
+from ledger.models import CallBody, DailyRollup, LedgerEntry, ProviderCostImport, Reconciliation, TrueUp
 from ledger.services import ledger_adjust
 
 
@@ -91,15 +91,23 @@ class CallBodyAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
 
 @admin.register(ProviderCostImport)
 class ProviderCostImportAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["created_at", "provider", "source", "file_name", "lines", "uploaded_by"]
-    list_filter = ["provider", "source"]
+    list_display = ["created_at", "provider", "source", "file_name", "status", "read", "lines", "replaced", "rejected",
+                    "uploaded_by"]
+    list_filter = ["provider", "source", "status"]
     list_select_related = ["provider", "uploaded_by"]
     search_fields = ["file_name"]
 
 
+@admin.register(TrueUp)
+class TrueUpAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    list_display = ["month", "provider", "amount", "entries", "created_by", "created_at", "reversed_at"]
+    list_filter = ["provider"]
+    list_select_related = ["provider", "created_by"]
+
+
 @admin.register(Reconciliation)
 class ReconciliationAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    list_display = ["month", "provider", "billed", "ledger", "status", "trued_up_at", "created_at"]
+    list_display = ["month", "provider", "billed", "ledger", "bypass", "unexplained", "status", "created_at"]
     list_filter = ["provider", "status"]
     list_select_related = ["provider"]
     date_hierarchy = "month"

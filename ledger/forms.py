@@ -1,4 +1,5 @@
 from django import forms
+from django.conf import settings
 from django.utils import timezone
 
 from gateway.models import Provider
@@ -32,13 +33,21 @@ class AdjustmentForm(forms.Form):
 
 class CostImportForm(forms.Form):
     provider = forms.ModelChoiceField(queryset=None)
-    source = forms.ChoiceField(choices=[])
-    file = forms.FileField()
+    source = forms.ChoiceField(choices=[], required=False, label="Kind",
+                               help_text="Detected from the file; choose one only to insist on it.")
+    file = forms.FileField(help_text="A cost or usage file: its lines are read in the background.")
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.fields["provider"].queryset = Provider.objects.all()
-        self.fields["source"].choices = ProviderCostImport.Source.choices
+        self.fields["source"].choices = [("", "Detect from the file"), *ProviderCostImport.Source.choices]
+
+    def clean_file(self):
+        file = self.cleaned_data["file"]
+        limit = settings.TOLLGATE_COST_IMPORT_MAX_BYTES
+        if file.size > limit:
+            raise forms.ValidationError(f"The file is {file.size:,} bytes; the limit is {limit:,} (TOLLGATE_COST_IMPORT_MAX_BYTES).")
+        return file
 
 
 class ReconcileForm(forms.Form):

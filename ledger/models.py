@@ -113,28 +113,38 @@ class CallBody(models.Model):
 
 
 class DailyRollup(models.Model):
-    """Spend per day x team x person x key x model x cost center x tag set, kept current by a beat task
-    (ledger.services.ledger_rollup). Every report reads these, never the raw ledger."""
+    """Spend per day x team x person x key x grant path x model (alias and provider model) x cost center x tag
+    set, kept current by a beat task (ledger.services.ledger_rollup). Every report reads these, never the raw
+    ledger. `day` is the local day (TIME_ZONE), for chargeback; `utc_day` the UTC day, for reconciliation
+    (providers bill by UTC day): a local day's entries fall in at most two UTC days, so at most two rows."""
 
     day = models.DateField()
+    utc_day = models.DateField()
     team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    grant_path = models.CharField(max_length=200, blank=True, default="")
     cost_center = models.ForeignKey("governance.CostCenter", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    alias = models.ForeignKey("gateway.ModelAlias", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     provider_model = models.ForeignKey("gateway.ProviderModel", null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     project = models.CharField(max_length=64, blank=True)
     feature = models.CharField(max_length=64, blank=True)
     environment = models.CharField(max_length=64, blank=True)
     experiment = models.CharField(max_length=64, blank=True)
-    calls = models.PositiveIntegerField(default=0)
+    # The grain's identity (ledger.services.rollup_grain): one row per grain, upserted (INSERT ... ON CONFLICT
+    # DO UPDATE adds), which a unique constraint over nullable columns could not guarantee on every database.
+    grain = models.CharField(max_length=32, unique=True)
+    calls = models.PositiveIntegerField(default=0, help_text="Calls served or failed: refused calls are counted apart.")
     refused = models.PositiveIntegerField(default=0)
+    failed = models.PositiveIntegerField(default=0, help_text="Upstream errors and client disconnects.")
     input_tokens = models.BigIntegerField(default=0)
     output_tokens = models.BigIntegerField(default=0)
     cached_tokens = models.BigIntegerField(default=0)
     cost = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"))
 
     class Meta:
-        indexes = [models.Index(fields=["day"], name="rollup_day_idx")]
+        indexes = [models.Index(fields=["day"], name="rollup_day_idx"),
+                   models.Index(fields=["utc_day"], name="rollup_utc_day_idx")]
 
     def __str__(self) -> str:
         return f"{self.day} {self.team_id} {self.cost}"
@@ -148,44 +158,79 @@ class RollupState(models.Model):
 
 
 class ProviderCostImport(models.Model):
-    """One uploaded (or fetched) provider cost file. The same file imported again changes nothing."""
+    """One provider cost or usage file, uploaded or fetched from the provider's API. Stored first and parsed
+    by a Celery task (ledger.costfiles); all its lines are imported or none. A day it covers replaces the
+    lines of that day imported before (a provider restating a day), and the report says what changed."""
 
     class Source(models.TextChoices):
         OPENAI_COSTS = "openai_costs", "OpenAI costs API (JSON)"
+        OPENAI_USAGE = "openai_usage", "OpenAI usage API, completions (JSON, tokens)"
+        OPENAI_DASHBOARD_CSV = "openai_dashboard_csv", "OpenAI usage dashboard cost export (CSV)"
         ANTHROPIC_COSTS = "anthropic_costs", "Anthropic cost report (JSON)"
-        CSV = "csv", "CSV (date, provider, model, project, tokens, amount)"
+        ANTHROPIC_CONSOLE_CSV = "anthropic_console_csv", "Anthropic console cost export (CSV)"
+        CSV = "csv", "CSV (date, provider, model, project, tokens, amount[, currency])"
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Waiting to be read"
+        RUNNING = "running", "Reading"
+        DONE = "done", "Imported"
+        FAILED = "failed", "Refused: nothing imported"
 
     provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
-    source = models.CharField(max_length=20, choices=Source.choices)
+    source = models.CharField(max_length=24, choices=Source.choices, blank=True, help_text="Detected from the content.")
+    status = models.CharField(max_length=8, choices=Status.choices, default=Status.PENDING)
+    file = models.FileField(upload_to="cost-imports/%Y/%m/", blank=True)
     file_name = models.CharField(max_length=200)
+    size = models.BigIntegerField(default=0)
     sha256 = models.CharField(max_length=64)
-    lines = models.PositiveIntegerField(default=0)
+    progress = models.BigIntegerField(default=0, help_text="Lines read so far.")
+    read = models.BigIntegerField(default=0, help_text="Lines in the file.")
+    lines = models.BigIntegerField(default=0, help_text="Lines imported.")
+    replaced = models.BigIntegerField(default=0, help_text="Lines of earlier imports replaced by this one.")
+    rejected = models.BigIntegerField(default=0)
+    report = models.JSONField(default=dict, blank=True, help_text="Days changed and lines rejected, with reasons.")
+    error = models.CharField(max_length=500, blank=True)
     uploaded_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
+    finished_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
-        constraints = [models.UniqueConstraint(fields=["provider", "sha256"], name="cost_import_once")]
+        constraints = [models.UniqueConstraint(fields=["provider", "sha256"], condition=~models.Q(status="failed"),
+                                               name="cost_import_once")]
         ordering = ["-created_at"]
 
     def __str__(self) -> str:
-        return f"{self.file_name} ({self.lines} lines)"
+        return f"{self.file_name} ({self.get_status_display()}, {self.lines} lines)"
 
 
 class ProviderCostLine(models.Model):
-    """What a provider billed for one day, model and project (workspace)."""
+    """One line of what a provider billed (measure "cost") or counted (measure "usage", tokens) for a UTC day."""
+
+    class Measure(models.TextChoices):
+        COST = "cost", "Cost"
+        USAGE = "usage", "Usage (tokens)"
 
     source_import = models.ForeignKey(ProviderCostImport, on_delete=models.CASCADE, related_name="cost_lines")
     provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
-    day = models.DateField()
-    model = models.CharField(max_length=120, blank=True)
-    project = models.CharField(max_length=120, blank=True)
-    description = models.CharField(max_length=200, blank=True)
+    measure = models.CharField(max_length=5, choices=Measure.choices, default=Measure.COST)
+    day = models.DateField(help_text="The UTC day of the provider's bucket.")
+    model = models.CharField(max_length=120, blank=True, help_text="As billed (matched through the billed names table).")
+    project = models.CharField(max_length=120, blank=True, help_text="Project or workspace.")
+    description = models.CharField(max_length=200, blank=True, help_text="The provider's line item.")
+    api_key = models.CharField(max_length=120, blank=True)
+    token_type = models.CharField(max_length=40, blank=True)
+    service_tier = models.CharField(max_length=40, blank=True)
+    currency = models.CharField(max_length=3, blank=True)
     tokens = models.BigIntegerField(default=0)
-    amount = models.DecimalField(max_digits=18, decimal_places=8)
-    line_key = models.CharField(max_length=64, unique=True, help_text="Identifies the line across re-imports.")
+    input_tokens = models.BigIntegerField(default=0)
+    output_tokens = models.BigIntegerField(default=0)
+    cached_tokens = models.BigIntegerField(default=0)
+    amount = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"))
+    line_key = models.CharField(max_length=64, help_text="The provider's line identity (bucket, line item, project, "
+                                                         "API key, token type, service tier, currency).")
 
     class Meta:
-        indexes = [models.Index(fields=["provider", "day"], name="cost_line_provider_day_idx")]
+        indexes = [models.Index(fields=["provider", "measure", "day"], name="cost_line_provider_day_idx")]
 
     def __str__(self) -> str:
         return f"{self.day} {self.model} {self.amount}"
@@ -197,14 +242,18 @@ class Reconciliation(models.Model):
         DRIFT = "drift", "Drift over threshold"
 
     provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
-    month = models.DateField(help_text="First day of the month reconciled.")
+    month = models.DateField(help_text="First day of the month reconciled (UTC days).")
     billed = models.DecimalField(max_digits=18, decimal_places=8)
     ledger = models.DecimalField(max_digits=18, decimal_places=8)
+    bypass = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"),
+                                 help_text="Billed on lines with no ledger traffic.")
+    explained = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"),
+                                    help_text="Difference on lines whose cause the evidence shows.")
+    unexplained = models.DecimalField(max_digits=18, decimal_places=8, default=Decimal("0"),
+                                      help_text="What a true-up allocates.")
     status = models.CharField(max_length=8, choices=Status.choices)
     created_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
     created_at = models.DateTimeField(auto_now_add=True)
-    trued_up_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
-    trued_up_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-created_at"]
@@ -226,9 +275,12 @@ class ReconciliationLine(models.Model):
 
     reconciliation = models.ForeignKey(Reconciliation, on_delete=models.CASCADE, related_name="lines")
     day = models.DateField()
-    model = models.CharField(max_length=120)
+    model = models.CharField(max_length=120, help_text="The catalog model, or the billed name no catalog model matches.")
+    billed_as = models.CharField(max_length=300, blank=True, help_text="The names on the bill.")
     billed = models.DecimalField(max_digits=18, decimal_places=8)
     ledger = models.DecimalField(max_digits=18, decimal_places=8)
+    billed_tokens = models.BigIntegerField(null=True, blank=True, help_text="From the provider's usage file, if imported.")
+    ledger_tokens = models.BigIntegerField(default=0)
     flag = models.CharField(max_length=8, choices=Flag.choices)
     explanation = models.CharField(max_length=300, blank=True)
 
@@ -242,3 +294,26 @@ class ReconciliationLine(models.Model):
     @property
     def drift_percent(self) -> Decimal | None:
         return (self.drift / self.ledger * 100).quantize(Decimal("0.1")) if self.ledger else None
+
+
+class TrueUp(models.Model):
+    """The unexplained difference of a provider's month, allocated to teams as adjustment entries. Once per
+    provider and month (the constraint); reversing it writes the counter-entries and frees the month."""
+
+    provider = models.ForeignKey("gateway.Provider", on_delete=models.PROTECT, related_name="+")
+    month = models.DateField()
+    reconciliation = models.ForeignKey(Reconciliation, on_delete=models.PROTECT, related_name="true_ups")
+    amount = models.DecimalField(max_digits=18, decimal_places=8)
+    entries = models.PositiveIntegerField(default=0)
+    created_by = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="+")
+    created_at = models.DateTimeField(auto_now_add=True)
+    reversed_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    reversed_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-created_at"]
+        constraints = [models.UniqueConstraint(fields=["provider", "month"], condition=models.Q(reversed_at__isnull=True),
+                                               name="true_up_once_per_provider_month")]
+
+    def __str__(self) -> str:
+        return f"true-up #{self.pk} of {self.provider} {self.month:%Y-%m}: {self.amount}"

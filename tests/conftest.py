@@ -59,6 +59,7 @@ def _audit_head_of_this_test(settings, tmp_path):
     """The audit head outside the table (Redis, the checkpoint file) is per test: an earlier test's head would
     make this test's table look truncated."""
     settings.TOLLGATE_AUDIT_CHECKPOINT_FILE = tmp_path / "audit-checkpoints.jsonl"
+    settings.MEDIA_ROOT = tmp_path / "media"  # uploaded cost files
     if os.environ.get("REDIS_URL"):
         from governance.audit import HEAD_KEY
         from governance.redis import get_redis

@@ -22,9 +22,10 @@ from budgets.models import Grant, IncreaseRequest
 from governance import roles
 from governance.models import Membership
 from keys.models import AccessRequest
-from ledger.models import Reconciliation
+from gateway.models import BilledModelName
+from ledger.models import Reconciliation, TrueUp
 from tests.budgets.factories import GrantFactory
-from tests.gateway.factories import ModelAliasFactory, ProviderFactory
+from tests.gateway.factories import ModelAliasFactory, ProviderFactory, ProviderModelFactory
 from tests.governance.factories import MembershipFactory, PersonFactory, TeamFactory
 from tests.keys.factories import VirtualKeyFactory
 
@@ -56,6 +57,9 @@ PAGES = {
     "ledger:chargeback": {("GET", "-"): "LDDDOOO"},
     "ledger:reconciliations": {("GET", "-"): "LDDDOOO"},
     "ledger:reconciliation": {("GET", "-"): "LDDDOOO"},
+    "ledger:cost_import": {("GET", "-"): "LDDDOOO"},
+    "ledger:true_up": {("GET", "-"): "LDDDDOD"},
+    "ledger:true_up_reverse": {("POST", "-"): "LDDDDOD"},
     "relay-chat": {("POST", "-"): "KKKKKKK"},
     "relay-messages": {("POST", "-"): "KKKKKKK"},
     "relay-embeddings": {("POST", "-"): "KKKKKKK"},
@@ -73,6 +77,7 @@ ADMIN = {
     "budgets.grantalert": ("LLLLOOO", "LLLLDDD"),
     "budgets.increaserequest": ("LLLLOOO", "LLLLDDD"),
     "gateway.modelalias": ("LLLLOOO", "LLLLODD"),
+    "gateway.billedmodelname": ("LLLLOOO", "LLLLODD"),
     "gateway.modelprice": ("LLLLOOO", "LLLLODD"),
     "gateway.provider": ("LLLLOOO", "LLLLODD"),  # finance reads providers (reconciliation); secrets never shown
     "gateway.providermodel": ("LLLLOOO", "LLLLODD"),
@@ -90,6 +95,7 @@ ADMIN = {
     "ledger.ledgerentry": ("LLLLOOO", "LLLLDDD"),
     "ledger.providercostimport": ("LLLLOOO", "LLLLDDD"),  # imported from the reconciliation pages, not added
     "ledger.reconciliation": ("LLLLOOO", "LLLLDDD"),
+    "ledger.trueup": ("LLLLOOO", "LLLLDDD"),
 }
 
 
@@ -164,6 +170,8 @@ class World:
         self.reconciliation = Reconciliation.objects.create(
             provider=ProviderFactory(), month=timezone.localdate().replace(day=1), billed=1, ledger=1,
             status=Reconciliation.Status.choices[0][0])
+        self.true_up = TrueUp.objects.create(provider=self.reconciliation.provider, month=self.reconciliation.month,
+                                             reconciliation=self.reconciliation, amount=1, created_by=self.people["finance"])
 
     def _one_of_every_admin_model(self):
         """So each admin's change page has an object to open."""
@@ -185,8 +193,9 @@ class World:
         ledger_rollup()
         assert DailyRollup.objects.exists()
         GrantAlert.objects.create(grant=self.grant["own"], period_start=timezone.now(), kind="50", spent=1)
-        ProviderCostImport.objects.create(provider=ProviderFactory(), source=ProviderCostImport.Source.choices[0][0],
-                                          file_name="costs.csv", sha256="0" * 64)
+        self.cost_import = ProviderCostImport.objects.create(
+            provider=ProviderFactory(), source=ProviderCostImport.Source.choices[0][0], file_name="costs.csv", sha256="0" * 64)
+        BilledModelName.objects.create(provider_model=ProviderModelFactory(), name="billed-name")
         seen = {"user_agent": "t", "ip_address": "198.51.100.7", "username": "someone", "http_accept": "*/*",
                 "path_info": "/accounts/login/", "attempt_time": timezone.now()}
         self.attempt = AccessAttempt.objects.create(**seen, get_data="", post_data="", failures_since_start=5)
@@ -202,8 +211,12 @@ class World:
         }
         if name in by_object:
             return reverse(name, args=[by_object[name][variant].pk])
-        if name == "ledger:reconciliation":
+        if name in ("ledger:reconciliation", "ledger:true_up"):
             return reverse(name, args=[self.reconciliation.pk])
+        if name == "ledger:cost_import":
+            return reverse(name, args=[self.cost_import.pk])
+        if name == "ledger:true_up_reverse":
+            return reverse(name, args=[self.true_up.pk])
         if name == "relay-unknown":
             return "/v1/nothing-here"
         return reverse(name)

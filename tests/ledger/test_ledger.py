@@ -63,7 +63,8 @@ def test_rollups_are_incremental_and_idempotent():
     LedgerEntryFactory(team=team, cost_center=team.cost_center, cost=Decimal("0.30"), outcome="refused", http_status=429)
     assert ledger_rollup() == 1
     assert sum(r.cost for r in DailyRollup.objects.all()) == sum(e.cost for e in LedgerEntry.objects.all())
-    assert sum(r.calls for r in DailyRollup.objects.all()) == 3 and sum(r.refused for r in DailyRollup.objects.all()) == 1
+    # Refused calls are counted apart from the calls served.
+    assert sum(r.calls for r in DailyRollup.objects.all()) == 2 and sum(r.refused for r in DailyRollup.objects.all()) == 1
 
 
 def test_chargeback_total_equals_the_ledger_to_the_cent(finance):
@@ -101,9 +102,10 @@ def test_exports_carry_the_header_block_and_the_same_total():
     rows = list(csv.reader(io.StringIO(cb.export(report, "csv"))))
     header = {row[0]: row[1] for row in rows[:6]}
     assert header["Currency"] == "USD" and header["Total"] == "1.23" and "Generated at" in header
-    assert rows[-1][0] == "Total" and rows[-1][-2] == "1.23"
+    labels = next(row for row in rows if "Amount (USD)" in row)
+    assert rows[-1][0] == "Total" and rows[-1][labels.index("Amount (USD)")] == "1.23"
     sheet = openpyxl.load_workbook(io.BytesIO(cb.export(report, "xlsx"))).active
-    assert sheet["A5"].value == "Total" and sheet["B5"].value == "1.23"
+    assert sheet["A5"].value == "Total" and Decimal(str(sheet["B5"].value)) == Decimal("1.23")
 
 
 def test_chargeback_page_is_for_finance(client, finance):
@@ -112,6 +114,7 @@ def test_chargeback_page_is_for_finance(client, finance):
     client.force_login(finance)
     team = TeamFactory(slug="platform")
     LedgerEntryFactory(team=team, cost_center=team.cost_center, cost=Decimal("2"))
+    ledger_rollup()  # the beat task's job: the page reads the rollups as last folded
     today = timezone.localdate()
     params = {"start": today - timedelta(days=1), "end": today, "group_by": ["team"]}
     page = client.get("/ledger/chargeback/", params)

@@ -18,6 +18,7 @@ from governance.audit import audit_record, snapshot
 from governance.models import Person
 from governance.notify import email_after_commit
 from governance.redis import get_redis
+from ledger.selectors import spend_since
 
 log = logging.getLogger(__name__)
 
@@ -194,7 +195,7 @@ def grant_counters_verify(*, repair: bool = True) -> CounterReport:
             report.checked += 1
             counter = client.get(meter.redis_keys()[0])
             if counter is not None:
-                _compare(client, meter, int(counter), meter.ledger_total(), report, repair=repair)
+                _compare(client, meter, int(counter), _counted(meter), report, repair=repair)
     _verify_key_counters(client, report, repair=repair)
     for base, counter, ledger in report.drift:
         log.warning("budget counter %s drifted: %d units counted, %d in the ledger", base, counter, ledger)
@@ -207,7 +208,6 @@ def _verify_key_counters(client, report: CounterReport, *, repair: bool, batch_s
     """Keys' own monthly caps: all in the same month, so their counters are read with one MGET and their
     ledger totals with one grouped query per batch, however many keys there are."""
     from keys.models import VirtualKey
-    from ledger.models import LedgerEntry
 
     keys = VirtualKey.objects.filter(monthly_budget__isnull=False).order_by("pk")
     last_pk = 0
@@ -218,13 +218,18 @@ def _verify_key_counters(client, report: CounterReport, *, repair: bool, batch_s
         counted = {m.key_id: int(c) for m, c in zip(meters, client.mget([m.redis_keys()[0] for m in meters])) if c is not None}
         if not counted:
             continue
-        since = meters[0].since
-        ledger = dict(LedgerEntry.objects.filter(created_at__gte=since, key_id__in=counted).order_by()
-                      .values_list("key_id").annotate(total=Sum("cost")))
+        ledger = spend_since(since=meters[0].since, key_ids=list(counted), by_key=True)
         for meter in meters:
             if meter.key_id in counted:
                 _compare(client, meter, counted[meter.key_id], to_units(ledger.get(meter.key_id) or Decimal(0)), report,
                          repair=repair)
+
+
+def _counted(meter: Meter) -> int:
+    """What the ledger says a meter has spent, read from the rollups (and the entries not yet folded)."""
+    total = spend_since(since=meter.since, grant_id=meter.grant.pk if meter.grant else None,
+                        key_ids=[meter.key_id] if meter.key_id else None, unit=meter.unit)
+    return int(total) if meter.unit == "tokens" else to_units(total)
 
 
 def _compare(client, meter: Meter, counter: int, ledger: int, report: CounterReport, *, repair: bool) -> None:

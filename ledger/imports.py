@@ -7,7 +7,6 @@ import json
 from collections import defaultdict
 from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
-from decimal import Decimal
 
 import requests
 from django.conf import settings
@@ -234,7 +233,3 @@ def fetch_costs(*, provider: Provider, month: date) -> ProviderCostImport:
     content = json.dumps({"data": buckets}, sort_keys=True).encode()
     return cost_import(provider=provider, file_name=f"{provider.kind}-cost-api-{first:%Y-%m}.json", content=content)
 
-
-def lines_total(provider: Provider, start: date, end: date) -> Decimal:
-    return ProviderCostLine.objects.filter(provider=provider, measure="cost", day__gte=start, day__lt=end) \
-        .aggregate(s=Sum("amount"))["s"] or Decimal(0)

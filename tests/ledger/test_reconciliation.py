@@ -12,14 +12,13 @@ from django.utils import timezone
 
 from gateway.models import BilledModelName
 from governance import roles
-from ledger.models import ProviderCostImport, ProviderCostLine, Reconciliation
 from ledger.imports import cost_import
+from ledger.models import LedgerEntry, ProviderCostImport, ProviderCostLine, Reconciliation
 from ledger.reconciliation import reconcile
 from ledger.services import ledger_rollup
 from tests.gateway.factories import ProviderFactory, ProviderModelFactory
 from tests.governance.factories import PersonFactory
 from tests.ledger.factories import LedgerEntryFactory
-from ledger.models import LedgerEntry
 
 pytestmark = pytest.mark.django_db
 MONTH = date(2026, 10, 1)

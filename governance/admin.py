@@ -7,6 +7,7 @@ from django.db import transaction
 from django.http import HttpRequest
 
 from governance.audit import audit_record, snapshot
+from governance.bigtables import LargeTableAdminMixin, recent_values_filter
 from governance.models import AuditEvent, CostCenter, Department, Membership, Person, Team
 
 
@@ -143,14 +144,15 @@ class MembershipAdmin(AuditedModelAdmin):
 
 
 @admin.register(AuditEvent)
-class AuditEventAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
-    """The trail is appended to by services, never edited."""
+class AuditEventAdmin(LargeTableAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    """The trail is appended to by services, never edited. It grows without end: choices of the filters come
+    from recent events and there is no date hierarchy (both would be a SELECT DISTINCT over every event)."""
 
     list_display = ["id", "created_at", "actor_label", "action", "object_type", "object_repr", "source_ip", "request_id"]
-    list_filter = ["action", "object_type", ("created_at", admin.DateFieldListFilter)]
+    list_filter = [recent_values_filter("action"), recent_values_filter("object_type", "object type"),
+                   ("created_at", admin.DateFieldListFilter)]
     search_fields = ["actor_label", "object_repr", "object_id", "request_id", "action"]
-    date_hierarchy = "created_at"
-    show_full_result_count = False
+    changelist_defer = ("before", "after")
 
 
 # --- Login lockouts (django-axes): IT sees them and unlocks, and both are audited ------------------------------

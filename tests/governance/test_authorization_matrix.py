@@ -19,10 +19,10 @@ from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
 from budgets.models import Grant, IncreaseRequest
+from gateway.models import BilledModelName
 from governance import roles
 from governance.models import Membership
 from keys.models import AccessRequest
-from gateway.models import BilledModelName
 from ledger.models import Reconciliation, TrueUp
 from tests.budgets.factories import GrantFactory
 from tests.gateway.factories import ModelAliasFactory, ProviderFactory, ProviderModelFactory

@@ -4,6 +4,7 @@ at all; each UTC day it covers replaces what earlier imports said of that day (p
 the same month can come from the API and from an export), and the import's report says what changed."""
 import hashlib
 import json
+import logging
 from collections import defaultdict
 from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
@@ -23,6 +24,7 @@ from ledger import costfiles
 from ledger.models import ProviderCostImport, ProviderCostLine
 
 Status = ProviderCostImport.Status
+log = logging.getLogger(__name__)
 BATCH = 5000
 REPORTED_REJECTIONS = 50
 
@@ -83,8 +85,13 @@ def cost_import_run(record_id: int) -> ProviderCostImport:
         record.save(update_fields=["status"])
     try:
         with transaction.atomic():
+            Provider.objects.select_for_update().get(pk=record.provider_id)  # one import of a provider at a time
             _read(record)
-    except Refused as refusal:
+    except (Refused, Exception) as refusal:
+        if not isinstance(refusal, Refused):  # a fault, not the file: said as such, and the import is not left running
+            log.exception("cost import %s failed", record.pk)
+            refusal = Refused(f"The import failed ({type(refusal).__name__}); nothing was imported. Try again, or "
+                              f"tell IT if it fails again.")
         record.status, record.error, record.finished_at = Status.FAILED, str(refusal)[:500], timezone.now()
         record.lines = record.replaced = 0
         record.save()

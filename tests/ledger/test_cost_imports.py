@@ -197,3 +197,15 @@ def test_json_pages_of_the_cost_api_are_read_with_their_fields(openai):
     assert ProviderCostLine.objects.count() == len(results)
     cached = ProviderCostLine.objects.filter(description__contains="cached input").first()
     assert cached is not None and cached.project.startswith("proj_")
+
+
+def test_a_fault_while_reading_fails_the_import_instead_of_leaving_it_running(openai):
+    from django.core.files.base import ContentFile
+
+    from ledger.imports import cost_import_accept, cost_import_run
+
+    record = cost_import_accept(provider=openai, file=ContentFile(b"date,model,amount\n2026-10-01,m,1\n", name="a.csv"),
+                                file_name="a.csv")
+    record.file.storage.delete(record.file.name)  # the shared volume lost it
+    record = cost_import_run(record.pk)
+    assert record.status == "failed" and "FileNotFoundError" in record.error and not ProviderCostLine.objects.exists()

@@ -9,7 +9,7 @@ from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
 
 from django.conf import settings
-from django.db.models import Sum
+from django.db.models import F, Sum
 from django.utils import timezone
 from openpyxl import Workbook
 from openpyxl.styles import Font
@@ -73,7 +73,7 @@ class Chargeback:
 
 def _allocate(exact: list[Decimal], total: Decimal) -> list[Decimal]:
     """Round each line to cents, then hand the leftover cents to the lines with the largest remainders."""
-    floors = [(value / CENT).to_integral_value(rounding="ROUND_FLOOR") * CENT for value in exact]
+    floors = [((value / CENT).to_integral_value(rounding="ROUND_FLOOR") * CENT).quantize(CENT) for value in exact]
     leftover = int(((total - sum(floors, Decimal(0))) / CENT).to_integral_value())
     order = sorted(range(len(exact)), key=lambda i: exact[i] - floors[i], reverse=True)
     for i in order[:leftover]:
@@ -90,7 +90,7 @@ def chargeback(*, start: date, end: date, group_by: list[str]) -> Chargeback:
         DailyRollup.objects.filter(day__gte=start, day__lte=end).values(*fields)
         .annotate(calls=Sum("calls"), refused=Sum("refused"), input_tokens=Sum("input_tokens"),
                   output_tokens=Sum("output_tokens"), exact=Sum("cost"))
-        .order_by(*fields)
+        .order_by(*(F(f).asc(nulls_last=True) for f in fields))  # the same order on every database
     )
     # Refused calls often carry no team or key: as lines of their own they were zero-amount "(unattributed)"
     # lines inflating the call counts. A group with nothing served and nothing to charge gets no line; its

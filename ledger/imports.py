@@ -8,6 +8,7 @@ import logging
 from collections import defaultdict
 from datetime import date, datetime, timedelta
 from datetime import timezone as dt_timezone
+from decimal import Decimal
 
 import requests
 from django.conf import settings
@@ -185,13 +186,17 @@ def _restate(record: ProviderCostImport, days: set[tuple[str, date]]) -> tuple[l
     after = totals(lines.filter(source_import=record))
     changes = [
         {"day": day.isoformat(), "measure": measure, "lines_before": old["lines"], "lines_now": after[(measure, day)]["lines"],
-         "amount_before": f"{old['amount']:f}", "amount_now": f"{after[(measure, day)]['amount']:f}",
+         "amount_before": _money(old["amount"]), "amount_now": _money(after[(measure, day)]["amount"]),
          "tokens_before": old["tokens"], "tokens_now": after[(measure, day)]["tokens"]}
         for (measure, day), old in sorted(before.items())
     ]
     replaced = sum(old["lines"] for old in before.values())
     lines.exclude(source_import=record).delete()
     return changes, replaced
+
+
+def _money(amount) -> str:
+    return f"{Decimal(amount or 0).quantize(Decimal('0.00000001')):f}"
 
 
 def cost_import(*, provider: Provider, content: bytes, file_name: str, source: str = "", actor=None) -> ProviderCostImport:

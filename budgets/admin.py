@@ -1,14 +1,20 @@
-"""Grants in admin: the hierarchy as a tree, usage against limit, and the filters finance and IT need."""
+"""Grants in admin: the hierarchy as a tree, usage against limit, and the filters finance and IT need; anomaly alerts."""
+import json
+
 from django.contrib import admin
+from django.core.exceptions import PermissionDenied
 from django.db.models import Q
 from django.template.response import TemplateResponse
 from django.urls import path
 from django.utils import timezone
 from django.utils.html import format_html
 
+from budgets.anomalies import AlertStateError, alert_acknowledge, alert_resolve, alert_summary
 from budgets.enforcement import spent_now
-from budgets.models import Grant, GrantAlert, IncreaseRequest
+from budgets.models import Alert, Grant, GrantAlert, IncreaseRequest
 from governance.admin import AuditedModelAdmin, ReadOnlyAdminMixin
+from keys.admin import reason_action
+from keys.services import KeyStateError
 
 
 class ExpiringFilter(admin.SimpleListFilter):
@@ -98,3 +104,55 @@ class GrantAlertAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
     list_filter = ["kind"]
     list_select_related = ["grant"]
     search_fields = ["grant__name"]
+
+
+ALERT_REFUSALS = (AlertStateError, KeyStateError, PermissionDenied)
+
+
+@admin.register(Alert)
+class AlertAdmin(admin.ModelAdmin):
+    """Anomaly alerts: raised by detection only, changed only through budgets.anomalies (each change audited)."""
+
+    list_display = ["created_at", "kind", "subject_shown", "summary", "status", "action_taken", "acknowledged_by", "resolved_by"]
+    list_filter = ["status", "kind"]
+    list_select_related = ["key", "person", "team", "acknowledged_by", "resolved_by"]
+    search_fields = ["subject", "key__prefix", "person__username", "team__slug"]
+    fields = ["kind", "subject_shown", "status", "summary", "evidence_shown", "window_start", "window_end", "created_at",
+              "action_taken", "acknowledged_by", "acknowledged_at", "resolved_by", "resolved_at"]
+    readonly_fields = fields
+    actions = [
+        reason_action(name="acknowledge", description="Acknowledge selected alerts", done="acknowledged",
+                      refusals=ALERT_REFUSALS, reason_required=False,
+                      apply=lambda alert, actor, reason: alert_acknowledge(alert=alert, actor=actor, note=reason)),
+        reason_action(name="resolve", description="Resolve selected alerts", done="resolved",
+                      refusals=ALERT_REFUSALS, reason_required=False,
+                      apply=lambda alert, actor, reason: alert_resolve(alert=alert, actor=actor, note=reason)),
+        reason_action(name="resolve_and_reinstate", description="Resolve and reinstate the key",
+                      done="resolved, their keys reinstated", refusals=ALERT_REFUSALS, reason_required=False,
+                      apply=lambda alert, actor, reason: alert_resolve(alert=alert, actor=actor, note=reason,
+                                                                        reinstate_key=True)),
+    ]
+
+    def has_add_permission(self, request):
+        return False  # alerts are raised by detection
+
+    def has_delete_permission(self, request, obj=None):
+        return False  # they are the record of what was seen and done
+
+    def change_view(self, request, object_id, form_url="", extra_context=None):
+        # Every field is read-only: the state changes through the actions, never through a form save.
+        extra_context = {**(extra_context or {}), "show_save": False, "show_save_and_continue": False,
+                         "show_save_and_add_another": False}
+        return super().change_view(request, object_id, form_url, extra_context)
+
+    @admin.display(description="subject", ordering="subject")
+    def subject_shown(self, alert: Alert) -> str:
+        return alert.subject_label
+
+    @admin.display(description="what was seen")
+    def summary(self, alert: Alert) -> str:
+        return alert_summary(alert)
+
+    @admin.display(description="evidence")
+    def evidence_shown(self, alert: Alert):
+        return format_html("<pre>{}</pre>", json.dumps(alert.evidence, indent=2, sort_keys=True))

@@ -101,6 +101,13 @@ class Grant(models.Model):
             models.Index(fields=["renews_at"], name="grant_renews_idx"),
         ]
 
+    PERIOD_PHRASES = {"monthly": "per month", "weekly": "per week", "daily": "per day", "total": "in total"}
+
+    @property
+    def period_phrase(self) -> str:
+        """"per month", "per week", "per day" or "in total": how people say a limit's period."""
+        return self.PERIOD_PHRASES.get(self.period, f"per {self.period}")
+
     def __str__(self) -> str:
         return f"{self.name} ({self.get_scope_display()}, {self.limit_amount})"
 
@@ -185,3 +192,62 @@ class IncreaseRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.grant.name} -> {self.new_limit} ({self.status})"
+
+
+class Alert(models.Model):
+    """An anomaly seen in the ledger (budgets.anomalies): a runaway rate or spend, a very expensive call, a switch
+    to premium models or a new source network, with the numbers that made it fire. `subject` names what it is
+    about ("key:12", "person:3", "team:5"); the foreign keys hold that subject and, for a key, its holder and team
+    (so owners find it). One alert per kind and subject until it is resolved: the partial unique constraint is on
+    `subject`, not on the nullable foreign keys, where NULLs would never collide."""
+
+    class Kind(models.TextChoices):
+        RATE = "rate", "Request rate"
+        SPEND = "spend", "Spend"
+        EXPENSIVE_CALL = "expensive_call", "Expensive call"
+        PREMIUM_SWITCH = "premium_switch", "Switch to premium models"
+        NEW_NETWORK = "new_network", "New source network"
+
+    class Status(models.TextChoices):
+        OPEN = "open", "Open"
+        ACKNOWLEDGED = "acknowledged", "Acknowledged"
+        RESOLVED = "resolved", "Resolved"
+
+    kind = models.CharField(max_length=16, choices=Kind.choices)
+    subject = models.CharField(max_length=40, help_text='What the alert is about: "key:<id>", "person:<id>" or "team:<id>".')
+    key = models.ForeignKey("keys.VirtualKey", null=True, blank=True, on_delete=models.PROTECT, related_name="anomaly_alerts")
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    team = models.ForeignKey("governance.Team", null=True, blank=True, on_delete=models.PROTECT, related_name="anomaly_alerts")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.OPEN)
+    evidence = models.JSONField(default=dict, blank=True, help_text="The numbers that made it fire.")
+    window_start = models.DateTimeField()
+    window_end = models.DateTimeField()
+    created_at = models.DateTimeField(auto_now_add=True)
+    acknowledged_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    resolved_by = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    action_taken = models.CharField(max_length=300, blank=True, help_text="What was done about it: suspension, reinstatement.")
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "anomaly alert"
+        constraints = [
+            models.UniqueConstraint(fields=["kind", "subject"], condition=~models.Q(status="resolved"),
+                                    name="anomaly_alert_once_until_resolved"),
+        ]
+        indexes = [models.Index(fields=["status", "created_at"], name="anomaly_alert_status_idx")]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.get_kind_display()} on {self.subject_label}"
+
+    @property
+    def subject_label(self) -> str:
+        what, _, _ = self.subject.partition(":")
+        if what == "key" and self.key_id:
+            return f"key {self.key.prefix}… ({self.key.name})"
+        if what == "person" and self.person_id:
+            return f"person {self.person.get_username()}"
+        if what == "team" and self.team_id:
+            return f"team {self.team.slug}"
+        return self.subject

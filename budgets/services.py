@@ -12,7 +12,7 @@ from django.db.models import F, Sum
 from django.utils import timezone
 
 from budgets.enforcement import UNIT, Meter, meters_for, period_start, to_units
-from budgets.models import Grant, IncreaseRequest
+from budgets.models import Grant, GrantAlert, IncreaseRequest
 from governance import roles, runtime
 from governance.audit import audit_record, snapshot
 from governance.models import Person
@@ -147,6 +147,41 @@ def grant_renew(*, grant: Grant, actor: Person) -> Grant:
     grant.save(update_fields=["term_start", "renews_at", "status"])
     audit_record(actor=actor, action="grant.renew", obj=grant, before=before, after=snapshot(grant))
     return grant
+
+
+LAPSE_NOTICE_DAYS = (1, 7)
+
+
+def grants_lapse_notices(*, today=None) -> int:
+    """Warn owners 7 days and 1 day before a grant lapses (its renewal date passes). Each notice goes once per
+    term (a GrantAlert row, unique per grant, term and kind: two sweeps at once send it once), the nearest
+    first, so a grant with a day left gets the 1-day notice only."""
+    from django.db import IntegrityError
+
+    today = today or timezone.localdate()
+    sent = 0
+    for days in LAPSE_NOTICE_DAYS:
+        due = Grant.objects.filter(status=Grant.Status.ACTIVE, renews_at__gte=today,
+                                   renews_at__lte=today + timedelta(days=days)).select_related("owner")
+        for grant in due:
+            term = timezone.make_aware(timezone.datetime.combine(grant.term_start, timezone.datetime.min.time()))
+            earlier = {f"lapse-{d}" for d in LAPSE_NOTICE_DAYS if d <= days}
+            if GrantAlert.objects.filter(grant=grant, period_start=term, kind__in=earlier).exists():
+                continue
+            try:
+                with transaction.atomic():
+                    GrantAlert.objects.create(grant=grant, period_start=term, kind=f"lapse-{days}", spent=0)
+                    left = (grant.renews_at - today).days
+                    when = "today" if left == 0 else "tomorrow" if left == 1 else f"in {left} days"
+                    email_after_commit(
+                        to=[grant.owner, *grant.watchers.all()], subject=f"Your grant '{grant.name}' lapses {when}",
+                        body=f"'{grant.name}' ({grant.limit_amount} {settings.TOLLGATE_CURRENCY} {grant.period_phrase}) runs "
+                             f"until {grant.renews_at:%Y-%m-%d}; calls it covers are refused after that. Renew it from "
+                             f"{getattr(settings, 'TOLLGATE_BASE_URL', '').rstrip('/')}/budgets/ if it is still needed.")
+            except IntegrityError:
+                continue  # another sweep sent it
+            sent += 1
+    return sent
 
 
 def grants_expire_sweep(*, today=None) -> int:

@@ -1,7 +1,8 @@
 """Celery tasks for budgets."""
+import requests
 from celery import shared_task
 
-from budgets import alerts
+from budgets import alerts, anomalies
 from budgets.services import grant_counters_verify
 
 
@@ -25,3 +26,14 @@ def forecast_grant_spend() -> int:
 def verify_grant_counters() -> dict:
     report = grant_counters_verify()
     return {"checked": report.checked, "drifted": len(report.drift)}
+
+
+@shared_task
+def detect_anomalies() -> int:
+    """Every 5 minutes from beat: the last window against its baseline (budgets.anomalies)."""
+    return len(anomalies.anomalies_detect())
+
+
+@shared_task(autoretry_for=(requests.RequestException,), retry_backoff=30, max_retries=5)
+def send_anomaly_webhook(alert_id: int) -> bool:
+    return anomalies.alert_webhook_send(alert_id)

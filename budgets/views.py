@@ -1,4 +1,5 @@
 """Grant owners' pages: usage bars, delegation, increase requests, renewals, and increases to decide."""
+from django.conf import settings
 from django.contrib import messages
 from django.contrib.auth.decorators import login_required
 from django.core.exceptions import PermissionDenied, ValidationError
@@ -36,7 +37,7 @@ def _owned(request, pk: int) -> Grant:
 @login_required
 def delegate(request, pk: int):
     grant = _owned(request, pk)
-    form = DelegateForm(request.POST or None)
+    form = DelegateForm(request.POST or None, grant=grant)
     if request.method == "POST" and form.is_valid():
         data = form.cleaned_data
         try:
@@ -82,9 +83,14 @@ def renew(request, pk: int):
 @require_POST
 def decide_increase(request, pk: int):
     pending = get_object_or_404(increases_awaiting(request.user), pk=pk)
+    approve = request.POST.get("decision") == "approve"
     try:
-        services.increase_decide(request=pending, actor=request.user, approve=request.POST.get("decision") == "approve",
+        services.increase_decide(request=pending, actor=request.user, approve=approve,
                                  reason=request.POST.get("reason", "").strip())
     except ValidationError as error:
         messages.error(request, "; ".join(error.messages))
+    else:
+        messages.success(request, f"Approved: '{pending.grant.name}' is now {pending.new_limit} {settings.TOLLGATE_CURRENCY} "
+                                  f"{pending.grant.period_phrase}; {pending.requester} is told." if approve else
+                         f"Denied the increase of '{pending.grant.name}'; {pending.requester} is told.")
     return redirect("budgets:my-grants")

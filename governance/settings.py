@@ -75,6 +75,7 @@ MIDDLEWARE = [
     "django.middleware.csrf.CsrfViewMiddleware",
     "django.contrib.auth.middleware.AuthenticationMiddleware",
     "django.contrib.messages.middleware.MessageMiddleware",
+    "governance.console.FriendlyErrorsMiddleware",  # the console's 404/500 pages under DEBUG too (`make run`)
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "axes.middleware.AxesMiddleware",  # last: it turns a lockout into its answer
 ]
@@ -95,6 +96,9 @@ WSGI_APPLICATION = "governance.wsgi.application"
 AUTH_USER_MODEL = "governance.Person"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
+LOGOUT_REDIRECT_URL = "/accounts/login/"
+# With DEBUG on, pages answer 404/500 with the console's pages; true brings back Django's debug pages.
+TOLLGATE_DEBUG_PAGES = _env("bool", "TOLLGATE_DEBUG_PAGES", default=False)
 
 TEMPLATES = [
     {
@@ -106,6 +110,7 @@ TEMPLATES = [
                 "django.template.context_processors.request",
                 "django.contrib.auth.context_processors.auth",
                 "django.contrib.messages.context_processors.messages",
+                "governance.console.console",
             ],
         },
     },
@@ -203,6 +208,7 @@ CELERY_BEAT_SCHEDULE = {
     "maintain-ledger-partitions": {"task": "ledger.tasks.maintain_ledger_partitions", "schedule": 86400.0},
     "reconcile-last-month": {"task": "ledger.tasks.reconcile_last_month", "schedule": crontab(minute=0, hour=6, day_of_month=1)},
     "checkpoint-audit-head": {"task": "governance.tasks.checkpoint_audit_head", "schedule": crontab(minute=5, hour=0)},
+    "detect-anomalies": {"task": "budgets.tasks.detect_anomalies", "schedule": 300.0},
 }
 
 # --- Internationalisation ----------------------------------------------------------------------
@@ -258,6 +264,7 @@ REST_FRAMEWORK = {
 
 # --- Tollgate ----------------------------------------------------------------------------------
 TOLLGATE_CURRENCY = env.str("TOLLGATE_CURRENCY", default="USD")
+TOLLGATE_BASE_URL = _env("str", "TOLLGATE_BASE_URL", default="http://localhost:8000").rstrip("/")  # absolute links in emails
 TOLLGATE_KEY_ENVIRONMENT = env.str("TOLLGATE_KEY_ENVIRONMENT", default="l")
 if TOLLGATE_KEY_ENVIRONMENT not in ("l", "t"):
     raise ImproperlyConfigured("TOLLGATE_KEY_ENVIRONMENT: must be 'l' (live) or 't' (test)")
@@ -288,6 +295,24 @@ TOLLGATE_RECONCILE_DRIFT_PCT = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_PCT
 TOLLGATE_COST_IMPORT_MAX_BYTES = _env("int", "TOLLGATE_COST_IMPORT_MAX_BYTES", default=200 * 1024 * 1024)
 MEDIA_ROOT = Path(env.str("TOLLGATE_MEDIA_DIR", default=str(VAR_DIR / "media")))
 TOLLGATE_GRANT_AUTO_INCREASE = Decimal(_env("str", "TOLLGATE_GRANT_AUTO_INCREASE", default="100"))
+# Anomaly detection (budgets.anomalies, beat every 5 minutes): each key, person and team's last window against
+# the mean window of the baseline hours before it.
+TOLLGATE_ANOMALY_WINDOW_MINUTES = _env("int", "TOLLGATE_ANOMALY_WINDOW_MINUTES", default=5)
+TOLLGATE_ANOMALY_BASELINE_HOURS = _env("int", "TOLLGATE_ANOMALY_BASELINE_HOURS", default=24)
+TOLLGATE_ANOMALY_RATE_FACTOR = Decimal(_env("str", "TOLLGATE_ANOMALY_RATE_FACTOR", default="5"))
+# Floors, so a key going from 1 call to 5 (or from 0.01 to 0.05) is not an alert.
+TOLLGATE_ANOMALY_MIN_CALLS = _env("int", "TOLLGATE_ANOMALY_MIN_CALLS", default=30)
+TOLLGATE_ANOMALY_MIN_SPEND = Decimal(_env("str", "TOLLGATE_ANOMALY_MIN_SPEND", default="1.00"))
+TOLLGATE_ANOMALY_CALL_COST = Decimal(_env("str", "TOLLGATE_ANOMALY_CALL_COST", default="5.00"))
+TOLLGATE_ANOMALY_PREMIUM_MIN_CALLS = _env("int", "TOLLGATE_ANOMALY_PREMIUM_MIN_CALLS", default=5)
+# "experimentation": a rate or spend alert on an experimentation key suspends it (reversible from the alert); "off".
+TOLLGATE_ANOMALY_SUSPEND = _env("str", "TOLLGATE_ANOMALY_SUSPEND", default="experimentation")
+if TOLLGATE_ANOMALY_SUSPEND not in ("off", "experimentation"):
+    raise ImproperlyConfigured("TOLLGATE_ANOMALY_SUSPEND: must be 'off' or 'experimentation'")
+if TOLLGATE_ANOMALY_WINDOW_MINUTES < 1 or TOLLGATE_ANOMALY_BASELINE_HOURS * 60 < 2 * TOLLGATE_ANOMALY_WINDOW_MINUTES:
+    raise ImproperlyConfigured("TOLLGATE_ANOMALY_WINDOW_MINUTES: must be at least 1 and at most half the baseline")
+# Anomaly alerts are also POSTed here as JSON (Slack-compatible "text" included); empty: no webhook.
+TOLLGATE_ALERT_WEBHOOK_URL = _env("str", "TOLLGATE_ALERT_WEBHOOK_URL", default="")
 
 
 def _dev_encryption_key(secret: str) -> str:

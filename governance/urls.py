@@ -22,3 +22,7 @@ urlpatterns = [
     path("", include("gateway.urls")),
     path("", TemplateView.as_view(template_name="home.html"), name="home"),
 ]
+
+handler403 = "governance.console.permission_denied"
+handler404 = "governance.console.page_not_found"
+handler500 = "governance.console.server_error"

@@ -1,29 +1,28 @@
 """IT's console for keys: virtual keys (their state changes only through the lifecycle services, each with a
-reason), the access-request review queue, and the provisioning policy. Key hashes are never shown or loaded."""
-import json
+reason), the access-request review queue, the provisioning policy and the acceptable-use policy. Key hashes are never shown or loaded."""
 import re
 from collections.abc import Callable
 
 from django import forms
+from django.conf import settings
 from django.contrib import admin, messages
 from django.contrib.admin import helpers
 from django.core.exceptions import PermissionDenied
-from django.core.paginator import Paginator
-from django.db import connections
-from django.db.models import QuerySet
+from django.db import models
+from django.db.models import OuterRef, Q, QuerySet, Subquery, Sum
 from django.http import HttpRequest
 from django.template.response import TemplateResponse
 from django.urls import reverse
 from django.utils import timezone
 from django.utils.formats import date_format
-from django.utils.functional import cached_property
 from django.utils.html import format_html, format_html_join
 from django.utils.http import urlencode
 
 from governance.admin import AuditedModelAdmin, ReadOnlyAdminMixin
-from governance.models import AuditEvent, Person
+from governance.bigtables import LargeTableAdminMixin
+from governance.models import AuditEvent, Person, Team
 from keys import keyformat
-from keys.models import AccessRequest, ProvisioningPolicy, VirtualKey
+from keys.models import AcceptableUsePolicy, AccessRequest, PolicyAcceptance, ProvisioningPolicy, VirtualKey
 from keys.services import (
     KeyStateError,
     RequestRefused,
@@ -38,48 +37,12 @@ from keys.services import (
 # --- Large tables ---------------------------------------------------------------------------------
 
 
-class EstimatedCountPaginator(Paginator):
-    """A paginator (for querysets) that never counts a whole large table. Up to `exact_up_to` rows the count is exact (a
-    COUNT over a LIMITed subquery, which stops early); past that, PostgreSQL's planner estimate is used
-    (pg_class.reltuples and column statistics, no scan). Page links keep working; with an estimate the
-    last pages may come out short or empty, which beats a multi-second COUNT(*) on every page view."""
+class LargeTableAdmin(LargeTableAdminMixin, admin.ModelAdmin):
+    """Changelist settings for tables that grow to millions of rows (governance.bigtables), without facets
+    (one COUNT per filter choice)."""
 
-    exact_up_to = 10_000
-
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.estimated = False  # the pagination template says "about" when set
-
-    @cached_property
-    def count(self) -> int:
-        unordered = self.object_list.order_by()
-        exact = unordered[: self.exact_up_to + 1].count()
-        if exact <= self.exact_up_to:
-            return exact
-        self.estimated = True
-        return max(exact, _planner_rows(unordered))
-
-
-def _planner_rows(queryset: QuerySet) -> int:
-    """The planner's row estimate for a query (0 where the database has no cheap estimate)."""
-    connection = connections[queryset.db]
-    if connection.vendor != "postgresql":
-        return 0
-    sql, params = queryset.query.sql_with_params()
-    with connection.cursor() as cursor:
-        cursor.execute(f"EXPLAIN (FORMAT JSON) {sql}", params)
-        plan = cursor.fetchone()[0]
-    if isinstance(plan, str):
-        plan = json.loads(plan)
-    return int(plan[0]["Plan"]["Plan Rows"])
-
-
-class LargeTableAdmin(admin.ModelAdmin):
-    """Changelist settings for tables that grow to millions of rows."""
-
-    paginator = EstimatedCountPaginator
-    show_full_result_count = False
-    show_facets = admin.ShowFacets.NEVER  # facets are one COUNT per filter choice
+    show_facets = admin.ShowFacets.NEVER
+    ordering = None  # each admin says its own order
 
 
 # --- Actions that ask why -------------------------------------------------------------------------
@@ -249,13 +212,13 @@ KEY_REFUSALS = (KeyStateError,)
 
 @admin.register(VirtualKey)
 class VirtualKeyAdmin(LargeTableAdmin, AuditedModelAdmin):
-    list_display = ["prefix", "name", "person", "team", "key_class", "status", "expires_at", "last_used_at"]
+    list_display = ["prefix", "name", "person", "team", "key_class", "status", "expires_at", "last_used_at", "spend"]
     list_filter = ["status", "team", "key_class", ExpiresWithinFilter, UnusedFilter, ProvisionedByFilter, HolderFilter]
     list_select_related = ["person", "team"]
     # Sorting by an unindexed column sorts the whole table: only indexed columns are offered.
     sortable_by = ["prefix", "expires_at"]
     search_fields = ["^prefix", "name", "person__email", "team__slug"]
-    search_help_text = "A key prefix (tg_l_…), a key name, a holder's email or a team slug."
+    search_help_text = "A key prefix (tg_l_…), the beginning of a key name, a holder's email or a team slug."
     raw_id_fields = ["person", "team", "created_by"]
     # Status and expiry change only through the actions below (the lifecycle services), never by editing.
     readonly_fields = ["prefix", "status", "expires_at", "approved_by_policy", "created_at", "last_used_at",
@@ -283,7 +246,16 @@ class VirtualKeyAdmin(LargeTableAdmin, AuditedModelAdmin):
 
     def get_queryset(self, request):
         # The hashes and the encrypted signing secret never leave the database through the admin.
-        return super().get_queryset(request).defer(*VirtualKey.AUDIT_EXCLUDE)
+        from ledger.models import DailyRollup
+
+        # This month's spend from the daily rollups, computed only for the rows of the page shown.
+        spend = (DailyRollup.objects.filter(key=OuterRef("pk"), day__gte=timezone.localdate().replace(day=1))
+                 .order_by().values("key").annotate(total=Sum("cost")).values("total"))
+        return super().get_queryset(request).defer(*VirtualKey.AUDIT_EXCLUDE).annotate(spend_this_month=Subquery(spend))
+
+    @admin.display(description="Spend this month")
+    def spend(self, obj):
+        return f"{obj.spend_this_month or 0:.2f} {settings.TOLLGATE_CURRENCY}"
 
     def get_search_results(self, request, queryset, search_term):
         term = search_term.strip()
@@ -295,6 +267,9 @@ class VirtualKeyAdmin(LargeTableAdmin, AuditedModelAdmin):
         if "@" in term and not any(c.isspace() for c in term):
             # A holder's email: match people first (a far smaller table), then their keys by the person index.
             return queryset.filter(person__in=Person.objects.filter(email__icontains=term).values("pk")), False
+        if term:
+            # A key name's beginning (an index on UPPER(name), migration keys 0007) or a team's slug.
+            return queryset.filter(Q(name__istartswith=term) | Q(team__in=Team.objects.filter(slug=term).values("pk"))), False
         return super().get_search_results(request, queryset, search_term)
 
     @admin.display(description="History")
@@ -402,3 +377,41 @@ class ProvisioningPolicyAdmin(AuditedModelAdmin):
         if not change:
             obj.pk = 1  # the row ProvisioningPolicy.current() reads
         super().save_model(request, obj, form, change)
+
+
+@admin.register(AcceptableUsePolicy)
+class AcceptableUsePolicyAdmin(AuditedModelAdmin):
+    """Publish a version by adding it; the latest whose effective date has come is the one people accept.
+    A version someone accepted is what they agreed to: its text and date can no longer change."""
+
+    list_display = ["version", "effective_from", "acceptances_count", "created_at"]
+    search_fields = ["version"]
+    ordering = ["-effective_from", "-id"]
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).annotate(acceptance_total=models.Count("acceptances"))
+
+    @admin.display(description="accepted by", ordering="acceptance_total")
+    def acceptances_count(self, obj) -> str:
+        url = reverse("admin:keys_policyacceptance_changelist") + "?" + urlencode({"policy__id__exact": obj.pk})
+        return format_html('<a href="{}">{} people</a>', url, obj.acceptance_total)
+
+    def get_readonly_fields(self, request, obj=None):
+        if obj is not None and obj.acceptances.exists():
+            return ["version", "text", "effective_from"]
+        return []
+
+    def has_delete_permission(self, request, obj=None):
+        return super().has_delete_permission(request, obj) and (obj is None or not obj.acceptances.exists())
+
+
+@admin.register(PolicyAcceptance)
+class PolicyAcceptanceAdmin(ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Who accepted which version, when (written by keys.services.aup_accept, audited there)."""
+
+    list_display = ["person", "policy", "accepted_at"]
+    list_filter = ["policy"]
+    list_select_related = ["person", "policy"]
+    search_fields = ["person__username", "person__email"]
+    raw_id_fields = ["person"]
+    show_full_result_count = False

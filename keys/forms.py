@@ -4,7 +4,7 @@ from django.utils import timezone
 
 from gateway.models import ModelAlias
 from governance.models import Team, UsageClass
-from keys.models import DURATION_CHOICES, AccessRequest
+from keys.models import DURATION_CHOICES, AcceptableUsePolicy, AccessRequest
 
 
 class ModelChoiceWithPrice(forms.ModelMultipleChoiceField):
@@ -31,9 +31,21 @@ class AccessRequestForm(forms.Form):
     monthly_budget = forms.DecimalField(max_digits=12, decimal_places=2, min_value=0, required=False,
                                         label="Monthly budget (USD)", help_text="Empty: no key-level cap.")
 
-    def __init__(self, *args, person, **kwargs):
+    def __init__(self, *args, person, policy: AcceptableUsePolicy | None = None, **kwargs):
+        """`policy`: the acceptable-use policy version the person has yet to accept (keys.services.aup_pending_for);
+        the form then asks for its acceptance."""
         super().__init__(*args, **kwargs)
         self.fields["team"].queryset = Team.objects.filter(memberships__person=person, is_active=True).distinct()
+        # Finance, auditors and new starters belong to no team: say so instead of "This field is required."
+        self.in_no_team = not self.fields["team"].queryset.exists()
+        if self.in_no_team:
+            self.fields["team"].error_messages["required"] = (
+                "You are in no team, and keys are issued to a team's members. Ask a team owner or IT to add you to a team.")
+        if policy is not None:
+            self.fields["accept_policy"] = forms.BooleanField(
+                label=f"I have read and accept the acceptable-use policy (version {policy.version})",
+                error_messages={"required": f"Accept the acceptable-use policy (version {policy.version}) to request a key."},
+            )
 
 
 class ReasonForm(forms.Form):

@@ -5,6 +5,7 @@ from decimal import Decimal
 from django.conf import settings
 from django.db import models
 from django.db.models import Q
+from django.utils import timezone
 from django.utils.functional import cached_property
 
 from governance import crypto
@@ -212,3 +213,39 @@ class AccessRequest(models.Model):
 
     def __str__(self) -> str:
         return f"{self.get_kind_display()} for {self.requester} on {self.team} ({self.status})"
+
+
+class AcceptableUsePolicy(models.Model):
+    """One version of the acceptable-use policy. The version in force is the latest whose effective date has
+    come; a person accepts it before their first key is issued (keys.services.policy)."""
+
+    version = models.CharField(max_length=20, unique=True, help_text="E.g. 1, 2 or 2026-01.")
+    text = models.TextField()
+    effective_from = models.DateField(default=timezone.localdate, help_text="In force from this day on.")
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["-effective_from", "-id"]
+        verbose_name = "acceptable-use policy version"
+
+    def __str__(self) -> str:
+        return f"Acceptable-use policy v{self.version} (from {self.effective_from:%Y-%m-%d})"
+
+    @classmethod
+    def current(cls) -> "AcceptableUsePolicy | None":
+        return cls.objects.filter(effective_from__lte=timezone.localdate()).order_by("-effective_from", "-id").first()
+
+
+class PolicyAcceptance(models.Model):
+    """A person accepted one version of the acceptable-use policy (written by keys.services.policy, audited)."""
+
+    person = models.ForeignKey(settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="policy_acceptances")
+    policy = models.ForeignKey(AcceptableUsePolicy, on_delete=models.PROTECT, related_name="acceptances")
+    accepted_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-accepted_at"]
+        constraints = [models.UniqueConstraint(fields=["person", "policy"], name="policy_acceptance_once")]
+
+    def __str__(self) -> str:
+        return f"{self.person} accepted v{self.policy.version} on {self.accepted_at:%Y-%m-%d}"

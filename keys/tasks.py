@@ -2,7 +2,7 @@
 from celery import shared_task
 from django.utils import timezone
 
-from budgets.services import grants_expire_sweep
+from budgets.services import grants_expire_sweep, grants_lapse_notices
 from governance import roles
 from governance.notify import email_after_commit
 from keys.models import VirtualKey
@@ -12,7 +12,8 @@ from keys.services import keys_expire_sweep
 @shared_task
 def expire_keys_and_grants() -> dict:
     result = keys_expire_sweep()
-    return {"keys_expired": result.expired, "notices": result.notices, "grants_expired": grants_expire_sweep()}
+    return {"keys_expired": result.expired, "notices": result.notices, "grants_expired": grants_expire_sweep(),
+            "grant_notices": grants_lapse_notices()}
 
 
 @shared_task

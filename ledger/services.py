@@ -150,7 +150,7 @@ def ledger_adjust(*, entry: LedgerEntry, amount: Decimal, reason: str, actor) ->
 
 
 ROLLUP_DIMENSIONS = ("team_id", "person_id", "key_id", "grant_path", "cost_center_id", "alias_id", "provider_model_id",
-                     "project", "feature", "environment", "experiment")
+                     "project", "feature", "environment", "experiment", "error_code")
 ROLLUP_MEASURES = ("calls", "refused", "failed", "input_tokens", "output_tokens", "cached_tokens", "cost")
 TAG_DIMENSIONS = ("project", "feature", "environment", "experiment")
 _FAILED = [LedgerEntry.Outcome.UPSTREAM_ERROR, LedgerEntry.Outcome.CLIENT_ABORT]

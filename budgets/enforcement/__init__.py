@@ -37,6 +37,7 @@ from budgets.enforcement.holds import (
     Reservation,
     ReservePlan,
     Settled,
+    held_now,
     hold,
     release,
     reservation_from,
@@ -53,7 +54,7 @@ from budgets.enforcement.recovery import EPOCH_FENCE_SECONDS, open_reservations,
 
 __all__ = [
     "EPOCH_FENCE_SECONDS", "NO_LIMIT", "UNIT", "BudgetRefused", "CounterMissing", "Meter", "ReservePlan", "Reservation",
-    "Settled", "call_of", "check_grants", "covering_grants", "hold", "meters_for", "open_reservations",
+    "Settled", "call_of", "check_grants", "covering_grants", "held_now", "hold", "meters_for", "open_reservations",
     "period_start", "rebuild", "recover_holds", "release", "reservation_from", "reserve", "reserve_plan", "settle",
     "settle_part", "settled_from", "spent_now", "to_units", "unverified",
 ]

@@ -320,6 +320,17 @@ def release(reservation: Reservation) -> None:
     settle(reservation, cost=Decimal(0), tokens=0)
 
 
+def held_now(grant: Grant) -> Decimal:
+    """What calls in flight hold against a grant this period (settled into spend when they finish)."""
+    meter = Meter(f"grant:{grant.pk}:cost", period_start(grant.period, term_start=grant.term_start), NO_LIMIT, grant=grant)
+    client = get_redis()
+    try:
+        value = client.get(meter.redis_keys()[1]) if client is not None else None
+    except Exception:
+        value = None
+    return int(value or 0) * UNIT
+
+
 def spent_now(grant: Grant) -> Decimal:
     """This period's spend of a grant, from its counter (or the ledger when there is none yet)."""
     meter = Meter(f"grant:{grant.pk}:cost", period_start(grant.period, term_start=grant.term_start), NO_LIMIT, grant=grant)

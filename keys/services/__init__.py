@@ -11,6 +11,7 @@ from keys.services.lifecycle import (
     key_suspend,
     keys_expire_sweep,
 )
+from keys.services.policy import PolicyNotAccepted, aup_accept, aup_pending_for, aup_publish, aup_require
 from keys.services.requests import (
     RequestRefused,
     Submitted,
@@ -23,7 +24,8 @@ from keys.services.requests import (
 )
 
 __all__ = [
-    "IssuedKey", "KeyStateError", "RequestRefused", "Submitted", "SweepResult", "approvers_of",
+    "IssuedKey", "KeyStateError", "PolicyNotAccepted", "RequestRefused", "Submitted", "SweepResult", "approvers_of",
     "key_extend", "key_issue", "key_reactivate", "key_revoke", "key_rotate", "key_suspend", "keys_expire_sweep",
+    "aup_accept", "aup_pending_for", "aup_publish", "aup_require",
     "request_approve", "request_change", "request_collect", "request_deny", "request_submit",
 ]

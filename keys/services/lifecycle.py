@@ -14,6 +14,8 @@ from governance.models import Person, Team
 from governance.notify import email_after_commit
 from keys import keyformat
 from keys.models import ProvisioningPolicy, VirtualKey
+from keys.services.links import absolute_link
+from keys.services.policy import aup_require
 
 EXPIRY_NOTICE_DAYS = (7, 1)
 
@@ -37,6 +39,10 @@ def _locked(key: VirtualKey) -> VirtualKey:
 def key_issue(*, name: str, team: Team, person: Person | None, actor: Person | None, actor_label: str | None = None,
               key_class: str = VirtualKey.KeyClass.EXPERIMENTATION, days: int | None = None, aliases=(),
               with_signing_secret: bool = False, **fields) -> IssuedKey:
+    """Issue a key. A person's key needs their acceptance of the acceptable-use policy in force
+    (PolicyNotAccepted otherwise); a team's service key does not."""
+    if person is not None:
+        aup_require(person)
     new = keyformat.generate(settings.TOLLGATE_KEY_ENVIRONMENT)
     signing_secret = secrets.token_urlsafe(32) if with_signing_secret else ""
     key = VirtualKey.objects.create(
@@ -107,7 +113,8 @@ def key_revoke(*, key: VirtualKey, actor: Person | None, reason: str, actor_labe
                       allowed_from=LIVE, reason=reason, previous_key_expires_at=None)
     if key.person and key.person != actor:
         email_after_commit(to=[key.person], subject=f"Your key {key.prefix}… was revoked",
-                           body=f"Your Tollgate key '{key.name}' ({key.prefix}…) was revoked. Reason: {reason}")
+                           body=f"Your Tollgate key '{key.name}' ({key.prefix}…) was revoked. Reason: {reason}\n\n"
+                                f"The key: {absolute_link('keys:key-detail', key.pk)}")
     return key
 
 
@@ -159,10 +166,13 @@ def keys_expire_sweep(*, now=None) -> SweepResult:
             if key.person:
                 email_after_commit(to=[key.person], subject=f"Your key {key.prefix}… has expired",
                                    body=f"Your Tollgate key '{key.name}' expired on {key.expires_at:%Y-%m-%d}. "
-                                        "Request an extension from the My keys page.")
+                                        "Request an extension from the key's page: "
+                                        + absolute_link("keys:key-detail", key.pk))
             expired += 1
     notices = 0
-    for days in EXPIRY_NOTICE_DAYS:
+    # The nearest notice first: a key with under a day left gets the 1-day notice only (its claim of 1 also
+    # covers the 7-day one), never both in one run.
+    for days in sorted(EXPIRY_NOTICE_DAYS):
         due = VirtualKey.objects.filter(
             status=VirtualKey.Status.ACTIVE, expires_at__gt=now, expires_at__lte=now + timezone.timedelta(days=days),
         ).exclude(expiry_notice_days__lte=days).select_related("person", "team__owner")
@@ -174,6 +184,7 @@ def keys_expire_sweep(*, now=None) -> SweepResult:
                 recipients = [key.person] if key.person else [key.team.owner]
                 email_after_commit(to=recipients, subject=f"Your key {key.prefix}… expires in {days} day(s)",
                                    body=f"Your Tollgate key '{key.name}' expires on {key.expires_at:%Y-%m-%d %H:%M} UTC. "
-                                        "Request an extension from the My keys page if you still need it.")
+                                        "Request an extension from the key's page if you still need it: "
+                                        + absolute_link("keys:key-detail", key.pk))
                 notices += 1
     return SweepResult(expired=expired, notices=notices)

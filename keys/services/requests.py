@@ -11,6 +11,8 @@ from governance.models import Membership, Person, Team
 from governance.notify import email_after_commit
 from keys.models import AccessRequest, ProvisioningPolicy, VirtualKey
 from keys.services.lifecycle import IssuedKey, key_extend, key_issue
+from keys.services.links import absolute_link
+from keys.services.policy import PolicyNotAccepted, aup_accept, aup_pending_for
 
 
 class RequestRefused(Exception):
@@ -27,11 +29,13 @@ class Submitted:
     issued: IssuedKey | None  # set when policy provisioned the key at once
 
 
-def approvers_of(team: Team) -> list[Person]:
+def approvers_of(team: Team, *, besides: Person | None = None) -> list[Person]:
+    """Who decides the team's requests: its owner, owners and approvers. `besides`: the requester, who never
+    decides their own request (AccessRequest.objects.decidable_by), so is neither listed nor told it waits."""
     people = {team.owner}
     people.update(m.person for m in team.memberships.filter(
         role__in=[Membership.Role.OWNER, Membership.Role.APPROVER]).select_related("person"))
-    return [p for p in people if p.is_active]
+    return sorted((p for p in people if p.is_active and p != besides), key=lambda p: p.get_username())
 
 
 def _check_new_key(*, requester: Person, team: Team, aliases, project: str) -> None:
@@ -71,13 +75,22 @@ def _issue_for(request: AccessRequest, *, actor: Person | None, by_policy: bool)
 
 @transaction.atomic
 def request_submit(*, requester: Person, team: Team, aliases, use_case: str, key_class: str, environment: str,
-                   project: str, duration_days: int, monthly_budget: Decimal | None) -> Submitted:
+                   project: str, duration_days: int, monthly_budget: Decimal | None,
+                   accept_policy: bool = False) -> Submitted:
+    """`accept_policy`: the requester ticked acceptance of the acceptable-use policy in force (recorded here,
+    in the same transaction); without it a requester who has not accepted that version is refused."""
     aliases = list(aliases)
     if not use_case.strip():
         raise RequestRefused("Say what the key is for.", "use_case")
     if not aliases:
         raise RequestRefused("Choose at least one model.", "aliases")
     _check_new_key(requester=requester, team=team, aliases=aliases, project=project)
+    policy = aup_pending_for(requester)
+    if policy is not None:
+        if not accept_policy:
+            raise RequestRefused(f"Accept the acceptable-use policy (version {policy.version}) to request a key.",
+                                 "accept_policy")
+        aup_accept(person=requester, policy=policy)
     request = AccessRequest.objects.create(
         requester=requester, team=team, use_case=use_case.strip(), key_class=key_class, environment=environment,
         project=project, duration_days=duration_days, monthly_budget=monthly_budget,
@@ -91,10 +104,16 @@ def request_submit(*, requester: Person, team: Team, aliases, use_case: str, key
     if reasons:
         request.review_reasons = reasons
         request.save(update_fields=["review_reasons"])
+        deciders = approvers_of(team, besides=requester)
         email_after_commit(to=[requester], subject="Your access request is waiting for approval",
-                           body=f"Your request for {team.name} needs an approver: {'; '.join(reasons)}.")
-        email_after_commit(to=approvers_of(team), subject=f"Access request from {requester} waits for you",
-                           body=f"{requester} asks for {', '.join(a.name for a in aliases)} on {team.name}: {use_case}")
+                           body=f"Your request for {team.name} needs an approver: {'; '.join(reasons)}.\n"
+                                f"Who decides: {', '.join(str(p) for p in deciders) or 'IT'}.\n\n"
+                                f"Your requests: {absolute_link('keys:my-keys')}")
+        email_after_commit(to=deciders, subject=f"Access request from {requester} waits for you",
+                           body=f"{requester} asks for {', '.join(a.name for a in aliases)} on {team.name} "
+                                f"({environment}{', project ' + project if project else ''}): {use_case}\n"
+                                f"Needs an approver because: {'; '.join(reasons)}.\n\n"
+                                f"Approve or deny: {absolute_link('keys:approvals')}")
         return Submitted(request, None)
     issued = _issue_for(request, actor=None, by_policy=True)
     _decide(request, status=AccessRequest.Status.APPROVED, actor=None, reason="approved by provisioning policy")
@@ -108,10 +127,13 @@ def _decide(request: AccessRequest, *, status: str, actor: Person | None, reason
     verb = "approve" if status == AccessRequest.Status.APPROVED else "deny"
     audit_record(actor=actor, actor_label=None if actor else "provisioning policy", action=f"access_request.{verb}",
                  obj=request, after={"status": status, "reason": reason, "key": request.key.prefix if request.key else None})
+    to_collect = status == AccessRequest.Status.APPROVED and request.kind == AccessRequest.Kind.NEW_KEY and not request.key
     email_after_commit(to=[request.requester], subject=f"Your access request was {status}",
                        body=f"Your {request.get_kind_display().lower()} request for {request.team.name} was {status}"
                             + (f": {reason}" if reason else ".")
-                            + (" Open My keys in Tollgate to collect your key." if status == "approved" and request.kind == "new_key" and not request.key else ""))
+                            + (" Open My keys in Tollgate to collect your key." if to_collect else "")
+                            + "\n\n" + (absolute_link("keys:key-detail", request.key.pk) if request.key and not to_collect
+                                          else absolute_link("keys:my-keys")))
 
 
 def _pending_for(request: AccessRequest, actor: Person) -> AccessRequest:
@@ -151,7 +173,10 @@ def request_collect(*, access_request: AccessRequest, requester: Person) -> Issu
         raise PermissionDenied("Only the requester can collect this key.")
     if request.kind != AccessRequest.Kind.NEW_KEY or request.status != AccessRequest.Status.APPROVED or request.key_id:
         raise RequestRefused("There is no key waiting to be collected for this request.")
-    issued = _issue_for(request, actor=requester, by_policy=False)
+    try:
+        issued = _issue_for(request, actor=requester, by_policy=False)
+    except PolicyNotAccepted as refusal:  # a new policy version came into force since the request
+        raise RequestRefused(str(refusal)) from None
     request.save(update_fields=["key"])
     return issued
 
@@ -181,6 +206,8 @@ def request_change(*, key: VirtualKey, requester: Person, kind: str, use_case: s
     request.aliases.set(key.allowed_models.all())
     audit_record(actor=requester, action="access_request.submit", obj=request,
                  after={"kind": kind, "key": key.prefix, "days": duration_days, "budget": monthly_budget})
-    email_after_commit(to=approvers_of(key.team), subject=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()}",
-                       body=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()} on key {key.prefix}…: {use_case}")
+    email_after_commit(to=approvers_of(key.team, besides=requester),
+                       subject=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()}",
+                       body=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()} on key {key.prefix}…: {use_case}\n\n"
+                            f"Approve or deny: {absolute_link('keys:approvals')}")
     return request

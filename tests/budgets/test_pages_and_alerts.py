@@ -29,7 +29,7 @@ def test_owner_page_shows_usage_and_delegated_children(client, owner):
     GrantFactory(name="Search", owner=PersonFactory(), parent=parent, scope=Grant.Scope.PROJECT, project="search",
                  team=parent.team, limit_amount=Decimal("30"))
     page = client.get("/budgets/").content.decode()
-    assert "Platform" in page and "Search" in page and "delegated to" in page and "0.00 of 100" in page
+    assert "Platform" in page and "Search" in page and "delegated to" in page and "0.00 USD spent of 100.00 USD per month" in page
 
 
 def test_delegation_form_refuses_more_than_the_parent_with_a_field_error(client, owner):

@@ -112,7 +112,7 @@ class Site:
         self.find("#id_password").send_keys(DEMO_PASSWORD)
         self.submit("main form button[type=submit]")
         assert "/accounts/login/" not in self.driver.current_url, f"{username} was not logged in"
-        assert self.find("header.top nav span").text == username
+        assert self.find("header.top .account span").text == username
 
     def log_out(self) -> None:
         self.submit("header.top form button[type=submit]")  # the logout is a POST form in the header

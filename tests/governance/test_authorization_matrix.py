@@ -18,11 +18,11 @@ from django.contrib import admin
 from django.urls import URLPattern, URLResolver, get_resolver, reverse
 from django.utils import timezone
 
-from budgets.models import Grant, IncreaseRequest
+from budgets.models import Alert, Grant, IncreaseRequest
 from gateway.models import BilledModelName
 from governance import roles
 from governance.models import Membership
-from keys.models import AccessRequest
+from keys.models import AcceptableUsePolicy, AccessRequest, PolicyAcceptance
 from ledger.models import Reconciliation, TrueUp
 from tests.budgets.factories import GrantFactory
 from tests.gateway.factories import ModelAliasFactory, ProviderFactory, ProviderModelFactory
@@ -39,10 +39,12 @@ PAGES = {
     "healthz": {("GET", "-"): "OOOOOOO"},
     "readyz": {("GET", "-"): "OOOOOOO"},
     "login": {("GET", "-"): "OOOOOOO"},
-    "logout": {("POST", "-"): "OOOOOOO"},
+    "logout": {("POST", "-"): "LLLLLLL"},  # logging out lands on the login page
     "keys:my-keys": {("GET", "-"): "LOOOOOO"},
     "keys:request": {("GET", "-"): "LOOOOOO"},
     "keys:approvals": {("GET", "-"): "LOOOOOO"},
+    "keys:getting-started": {("GET", "-"): "LOOOOOO"},
+    "keys:acceptable-use": {("GET", "-"): "LOOOOOO", ("POST", "-"): "LOOOOOO"},  # POST accepts the version in force
     "keys:key-detail": {("GET", "own"): "LOOOOOO", ("GET", "other"): "LHHHOOO"},
     "keys:key-rotate": {("POST", "own"): "LODDDDD", ("POST", "other"): "LHHHDDD"},
     "keys:key-revoke": {("POST", "own"): "LOOOODD", ("POST", "other"): "LHHHODD"},
@@ -58,6 +60,7 @@ PAGES = {
     "ledger:reconciliations": {("GET", "-"): "LDDDOOO"},
     "ledger:reconciliation": {("GET", "-"): "LDDDOOO"},
     "ledger:cost_import": {("GET", "-"): "LDDDOOO"},
+    "ledger:usage": {("GET", "-"): "LOOOOOO"},  # scoped by role inside (ledger.dashboard.usage_scope)
     "ledger:true_up": {("GET", "-"): "LDDDDOD"},
     "ledger:true_up_reverse": {("POST", "-"): "LDDDDOD"},
     "relay-chat": {("POST", "-"): "KKKKKKK"},
@@ -73,6 +76,7 @@ ADMIN = {
     "axes.accessattempt": ("LLLLODO", "LLLLDDD"),
     "axes.accessfailurelog": ("LLLLODO", "LLLLDDD"),
     "axes.accesslog": ("LLLLODO", "LLLLDDD"),
+    "budgets.alert": ("LLLLOOO", "LLLLDDD"),  # anomaly alerts: IT acts on them, finance and auditors read
     "budgets.grant": ("LLLLOOO", "LLLLODD"),
     "budgets.grantalert": ("LLLLOOO", "LLLLDDD"),
     "budgets.increaserequest": ("LLLLOOO", "LLLLDDD"),
@@ -87,7 +91,9 @@ ADMIN = {
     "governance.membership": ("LLLLOOO", "LLLLODD"),
     "governance.person": ("LLLLOOO", "LLLLODD"),
     "governance.team": ("LLLLOOO", "LLLLODD"),
+    "keys.acceptableusepolicy": ("LLLLOOO", "LLLLODD"),
     "keys.accessrequest": ("LLLLOOO", "LLLLDDD"),
+    "keys.policyacceptance": ("LLLLOOO", "LLLLDDD"),  # read-only: written by keys.services.aup_accept
     "keys.provisioningpolicy": ("LLLLOOO", "LLLLDDD"),  # one policy: it is changed, never added again
     "keys.virtualkey": ("LLLLOOO", "LLLLDDD"),
     "ledger.callbody": ("LLLLODO", "LLLLDDD"),
@@ -170,6 +176,13 @@ class World:
         self.reconciliation = Reconciliation.objects.create(
             provider=ProviderFactory(), month=timezone.localdate().replace(day=1), billed=1, ledger=1,
             status=Reconciliation.Status.choices[0][0])
+        self.alert = Alert.objects.create(kind="rate", subject=f"key:{self.key['other'].pk}", key=self.key["other"],
+                                          team=self.team_b, window_start=timezone.now(), window_end=timezone.now(),
+                                          evidence={"window_calls": 60, "window_minutes": 5, "times_usual": 6,
+                                                    "usual_calls_per_window": 10})
+        policy = AcceptableUsePolicy.objects.create(version="1", text="Use keys for work.",
+                                                    effective_from=timezone.localdate() + timezone.timedelta(days=365))
+        PolicyAcceptance.objects.create(policy=policy, person=self.people["finance"])
         self.true_up = TrueUp.objects.create(provider=self.reconciliation.provider, month=self.reconciliation.month,
                                              reconciliation=self.reconciliation, amount=1, created_by=self.people["finance"])
 
@@ -289,6 +302,9 @@ ACTIONS = {
     ("keys.accessrequest", "approve"): "LLLLO--",
     ("keys.accessrequest", "deny"): "LLLLO--",
     ("axes.accessattempt", "unlock"): "LLLLO--",
+    ("budgets.alert", "acknowledge"): "LLLLO--",
+    ("budgets.alert", "resolve"): "LLLLO--",
+    ("budgets.alert", "resolve_and_reinstate"): "LLLLO--",
 }
 
 
@@ -296,7 +312,7 @@ def _target(world, model, action):
     if action == "reactivate":
         type(world.key["other"]).objects.filter(pk=world.key["other"].pk).update(status="suspended")
     return {"keys.virtualkey": world.key["other"], "keys.accessrequest": world.pending["other"],
-            "axes.accessattempt": world.attempt}[model]
+            "axes.accessattempt": world.attempt, "budgets.alert": world.alert}[model]
 
 
 def _state(obj):

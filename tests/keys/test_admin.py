@@ -8,9 +8,9 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from governance import roles
+from governance.bigtables import EstimatedCountPaginator
 from governance.models import AuditEvent, Membership
 from keys import services
-from keys.admin import EstimatedCountPaginator
 from keys.models import AccessRequest, ProvisioningPolicy, VirtualKey
 from tests.gateway.factories import ModelAliasFactory
 from tests.governance.factories import MembershipFactory, PersonFactory, TeamFactory
@@ -417,3 +417,27 @@ def test_policy_added_in_admin_is_the_one_the_services_read(admin_client):
             "rotation_grace_hours": 6}
     assert admin_client.post("/admin/keys/provisioningpolicy/add/", data).status_code == 302
     assert ProvisioningPolicy.current().auto_approve_max_days == 30 and ProvisioningPolicy.objects.count() == 1
+
+
+def test_the_keys_list_shows_this_months_spend_from_the_rollups(admin_client):
+    """Reproduction (issue 15): the keys list had no spend column."""
+    from decimal import Decimal
+
+    from ledger.services import ledger_rollup
+    from tests.ledger.factories import LedgerEntryFactory
+
+    key = VirtualKeyFactory(name="checkout bot")
+    LedgerEntryFactory(key=key, cost=Decimal("2.5"))
+    LedgerEntryFactory(key=key, cost=Decimal("1.25"))
+    ledger_rollup()
+    page = admin_client.get(KEYS).content.decode()
+    assert "Spend this month" in page and "3.75 USD" in page
+
+
+def test_a_key_name_is_found_by_its_beginning(admin_client):
+    key = VirtualKeyFactory(name="Checkout bot")
+    VirtualKeyFactory(name="other")
+    found = admin_client.get(KEYS, {"q": "checkout"}).context["cl"].result_list
+    assert [k.pk for k in found] == [key.pk]
+    found = admin_client.get(KEYS, {"q": key.team.slug}).context["cl"].result_list
+    assert key.pk in [k.pk for k in found]

@@ -59,7 +59,7 @@ def test_auto_approved_request_shows_the_key_once_with_snippets(client, member, 
     secret = response.context["secret"]
     body = response.content.decode()
     assert key_by_secret(secret).person == member.person
-    assert body.count(secret) == 3  # the key, the curl snippet and the SDK snippet
+    assert body.count(secret) == 4  # the key, the curl snippet, the Python and the Node snippets
     assert "curl http://testserver/v1/chat/completions" in body and "OpenAI(base_url=" in body
     assert secret not in client.get("/keys/").content.decode()
 

@@ -1,12 +1,15 @@
 """Issue a key from the command line, through the same policy checks and audit as the web form.
-Prints only the key on stdout (and the signing secret on a second line for --service keys)."""
+Prints only the key on stdout (and the signing secret on a second line for --service keys). All or nothing:
+a command that fails leaves no request, key or audit event behind."""
 from decimal import Decimal, InvalidOperation
 
 from django.core.management.base import BaseCommand, CommandError
+from django.db import transaction
 
 from gateway.models import ModelAlias
 from governance.models import Person, Team, UsageClass
 from keys import services
+from keys.services.links import absolute_link
 
 
 class Command(BaseCommand):
@@ -55,14 +58,22 @@ class Command(BaseCommand):
         except Person.DoesNotExist:
             raise CommandError(f"no active person with email {person!r}") from None
         try:
-            submitted = services.request_submit(
-                requester=holder, team=team_obj, aliases=aliases, use_case="issued by IT with manage.py issue_key",
-                key_class=key_class, environment="production" if key_class == UsageClass.PRODUCTION else "development",
-                project=project, duration_days=days, monthly_budget=monthly_budget,
-            )
+            # The request is written before policy decides; a refusal must take it (and its audit event and
+            # queued emails) back, so the command is one transaction.
+            with transaction.atomic():
+                submitted = services.request_submit(
+                    requester=holder, team=team_obj, aliases=aliases, use_case="issued by IT with manage.py issue_key",
+                    key_class=key_class, environment="production" if key_class == UsageClass.PRODUCTION else "development",
+                    project=project, duration_days=days, monthly_budget=monthly_budget,
+                )
+                if submitted.issued is None:
+                    raise CommandError(
+                        "policy sends this request to an approver: " + "; ".join(submitted.request.review_reasons)
+                        + ". Nothing was created: ask the person to request it on the Request access page, "
+                        "or issue it within the provisioning policy.")
         except services.RequestRefused as refusal:
+            if refusal.field == "accept_policy":
+                raise CommandError(f"{holder.email} has not accepted the acceptable-use policy in force; they accept it "
+                                   f"at {absolute_link('keys:acceptable-use')} before a key can be issued") from None
             raise CommandError(refusal.message) from None
-        if submitted.issued is None:
-            raise CommandError("policy sends this request to an approver: " + "; ".join(submitted.request.review_reasons)
-                               + f" (request #{submitted.request.pk} is waiting)")
         self.stdout.write(submitted.issued.secret)

@@ -108,6 +108,8 @@ def test_finance_reads_usage_chargeback_and_reconciliation(site, tmp_path):
     site.log_in("finance")
     assert {"Usage", "Chargeback", "Reconciliation"} <= set(nav(site))
     go(site, "Usage")
+    Select(site.wait_for("select[name=period]")).select_by_value("30d")
+    site.submit("main form button[type=submit]")
     assert site.find_all("main svg"), "no chart on the usage page"
     shoot(site, tmp_path, "finance-usage")
     go(site, "Chargeback")

@@ -115,13 +115,15 @@ def test(args: argparse.Namespace, pytest_args: list[str]) -> int:
     return subprocess.call([PY, "-m", "pytest", *pytest_args], env=env, cwd=ROOT)
 
 
-def welcome(bind: str) -> None:
+def welcome(bind: str, *, delay: float = 8, wait: bool = True) -> None:
+    """The logins and demo key again, after web, worker and beat have printed their start-up lines."""
     import signal
     import time
 
-    time.sleep(8)
+    time.sleep(delay)
     print((VAR / "welcome.txt").read_text() + f"\nOpen http://{bind}/ and log in.", flush=True)
-    signal.pause()
+    if wait:
+        signal.pause()
 
 
 def main() -> None:

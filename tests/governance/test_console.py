@@ -216,3 +216,19 @@ def test_the_embedded_redis_leaves_no_temporary_folder_behind(tmp_path):
     socket = Path(result.stdout.strip().removeprefix("unix://"))
     assert result.returncode == 0 and socket.name, result.stderr[-1000:]
     assert not socket.parent.exists(), f"{socket.parent} was left behind"
+
+
+def test_make_run_says_the_logins_and_demo_key_again_after_the_start_up_lines(tmp_path, monkeypatch, capsys):
+    """Reproduction: `make run` buried the demo key under Celery's banners."""
+    from governance import cli
+
+    monkeypatch.setattr(cli, "VAR", tmp_path)
+    (tmp_path / "welcome.txt").write_text("Demo logins ... bob\nDemo key for bob: tg_l_example")
+    cli.welcome("127.0.0.1:8000", delay=0, wait=False)
+    assert "Demo key for bob: tg_l_example" in capsys.readouterr().out
+
+
+def test_the_admin_says_call_bodies(admin_client):
+    """Reproduction: the admin listed 'Call bodys'."""
+    html = admin_client.get("/admin/").content.decode()
+    assert "Call bodies" in html and "Call bodys" not in html

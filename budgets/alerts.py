@@ -22,6 +22,7 @@ from django.utils import timezone
 from budgets.enforcement import Settled, period_start, spent_now
 from budgets.models import Grant, GrantAlert
 from governance import roles
+from governance.webhooks import grant_alert_payload, webhook_emit
 
 log = logging.getLogger(__name__)
 
@@ -178,6 +179,8 @@ def deliver(alert_id: int) -> bool:
             send_mail(f"[Tollgate] {subject}", body, None, addresses)
         alert.pending, alert.sent_at = False, timezone.now()
         alert.save(update_fields=["pending", "sent_at"])
+        if alert.kind not in ("forecast", "unverified"):  # percents, "cap" and "page": a line was crossed
+            webhook_emit("budget.threshold_crossed", grant_alert_payload(alert))
     if grant.webhook_url:
         try:
             requests.post(grant.webhook_url, json={"text": f"*{subject}*\n{body}"}, timeout=5).raise_for_status()

@@ -24,6 +24,7 @@ from governance import roles
 from governance.audit import audit_record, snapshot
 from governance.models import Person, Team, UsageClass
 from governance.notify import email_after_commit
+from governance.webhooks import webhook_emit
 from keys.models import VirtualKey
 from keys.services.lifecycle import KeyStateError, key_reactivate, key_suspend
 from ledger.models import LedgerEntry
@@ -302,6 +303,7 @@ def alert_raise(*, finding: Finding, window_start: datetime, window_end: datetim
                     alert.action_taken = "Key suspended (TOLLGATE_ANOMALY_SUSPEND=experimentation)."
                     alert.save(update_fields=["action_taken"])
             _notify(alert)
+            webhook_emit("anomaly.raised", webhook_payload(alert))
     except IntegrityError:
         return None  # another run raised it between the check and the insert
     return alert

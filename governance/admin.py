@@ -1,6 +1,6 @@
 """Admin for the organisation and the audit trail, and AuditedModelAdmin: every admin change writes an
 AuditEvent in the same transaction as the change."""
-from django.contrib import admin
+from django.contrib import admin, messages
 from django.contrib.auth.admin import UserAdmin
 from django.core.exceptions import PermissionDenied
 from django.db import transaction
@@ -9,6 +9,7 @@ from django.http import HttpRequest
 from governance.audit import audit_record, snapshot
 from governance.bigtables import LargeTableAdminMixin, recent_values_filter
 from governance.models import AuditEvent, CostCenter, Department, Membership, Person, Team
+from governance.people import person_deactivate
 
 
 class AuditedModelAdmin(admin.ModelAdmin):
@@ -82,6 +83,7 @@ class PersonAdmin(UserAdmin):
     add_fieldsets = UserAdmin.add_fieldsets + (("Contact", {"fields": ["email"]}),)
 
     PRIVILEGED = ("is_superuser", "groups", "user_permissions")
+    actions = ["deactivate_and_suspend_keys"]
 
     def get_readonly_fields(self, request, obj=None):
         """Roles and permissions are granted by superusers only: IT manages people, not its own powers."""
@@ -106,6 +108,28 @@ class PersonAdmin(UserAdmin):
             super().save_model(request, obj, form, change)
             after = {k: v for k, v in snapshot(obj).items() if k != "password"}
             audit_record(actor=request.user, action="person.update" if change else "person.create", obj=obj, after=after)
+            if change and "is_active" in form.changed_data and not obj.is_active:
+                person_deactivate(person=obj, actor=request.user, reason=f"deactivated in the admin by {request.user}")
+
+    @admin.action(description="Deactivate and suspend keys", permissions=["change"])
+    def deactivate_and_suspend_keys(self, request, queryset):
+        done, suspended, skipped = 0, 0, []
+        for person in queryset.order_by("pk"):
+            if person == request.user or not self.has_change_permission(request, person):
+                skipped.append(str(person))
+                continue
+            try:
+                suspended += len(person_deactivate(person=person, actor=request.user,
+                                                   reason=f"deactivated in the admin by {request.user}"))
+            except PermissionDenied as exc:
+                skipped.append(f"{person}: {exc}")
+            else:
+                done += 1
+        if done:
+            self.message_user(request, f"{done} deactivated, {suspended} keys suspended.", messages.SUCCESS)
+        if skipped:
+            self.message_user(request, f"Skipped (yourself, a superuser, or keys you may not suspend): "
+                                       f"{'; '.join(skipped)}", messages.WARNING)
 
 
 @admin.register(Department)
@@ -182,3 +206,84 @@ class AccessAttemptAdmin(_AxesAttemptAdmin):
 
     def delete_model(self, request, obj):
         self.delete_queryset(request, AccessAttempt.objects.filter(pk=obj.pk))
+
+
+# --- Outgoing webhooks: endpoints (secret shown once) and the delivery log with replay -----------------------
+from django import forms  # noqa: E402
+
+from governance import webhooks  # noqa: E402
+from governance.models import WebhookDelivery, WebhookEndpoint  # noqa: E402
+
+
+class WebhookEndpointForm(forms.ModelForm):
+    url = forms.URLField(max_length=500, assume_scheme="https", help_text=WebhookEndpoint._meta.get_field("url").help_text)
+    events = forms.MultipleChoiceField(choices=WebhookEndpoint.EVENTS, required=False, widget=forms.CheckboxSelectMultiple,
+                                       help_text="None ticked: every event, including ones added later.")
+
+    class Meta:
+        model = WebhookEndpoint
+        fields = ["url", "description", "events", "is_active"]
+
+
+@admin.register(WebhookEndpoint)
+class WebhookEndpointAdmin(AuditedModelAdmin):
+    """The signing secret is made here and shown once (a message after saving); "Rotate secret" makes a new
+    one, shown once too. The admin never displays a stored secret."""
+
+    form = WebhookEndpointForm
+    list_display = ["url", "description", "subscribed", "is_active", "created_at"]
+    list_filter = ["is_active"]
+    search_fields = ["url", "description"]
+    actions = ["rotate_secret"]
+
+    @admin.display(description="events")
+    def subscribed(self, endpoint: WebhookEndpoint) -> str:
+        return ", ".join(endpoint.events) if endpoint.events else "all"
+
+    def save_model(self, request, obj, form, change):
+        secret = None if change else webhooks.secret_new()
+        if secret:
+            obj.set_secret(secret)
+        super().save_model(request, obj, form, change)
+        if secret:
+            self.message_user(request, f"Signing secret for {obj.url} (shown this once; copy it now): {secret}",
+                              messages.WARNING)
+
+    @admin.action(description="Rotate secret (the new one is shown once)", permissions=["change"])
+    def rotate_secret(self, request, queryset):
+        for endpoint in queryset:
+            secret = webhooks.webhook_secret_rotate(endpoint=endpoint, actor=request.user)
+            self.message_user(request, f"New signing secret for {endpoint.url} (shown this once; the old one no "
+                                       f"longer signs): {secret}", messages.WARNING)
+
+
+class WebhookEventFilter(admin.SimpleListFilter):
+    """The known events (no SELECT DISTINCT over the log)."""
+
+    title, parameter_name = "event", "event"
+
+    def lookups(self, request, model_admin):
+        return WebhookEndpoint.EVENTS
+
+    def queryset(self, request, queryset):
+        return queryset.filter(event=self.value()) if self.value() else queryset
+
+
+@admin.register(WebhookDelivery)
+class WebhookDeliveryAdmin(LargeTableAdminMixin, ReadOnlyAdminMixin, admin.ModelAdmin):
+    """Written by governance.webhooks only. Replay sends the selected deliveries again (same id), audited."""
+
+    list_display = ["id", "created_at", "event", "endpoint", "status", "attempts", "last_status_code", "delivered_at"]
+    list_filter = ["status", WebhookEventFilter, "endpoint"]
+    list_select_related = ["endpoint"]
+    search_fields = ["=uuid", "event"]
+    changelist_defer = ("payload",)
+    actions = ["replay"]
+
+    def has_replay_permission(self, request) -> bool:
+        return request.user.has_perm("governance.change_webhookdelivery")
+
+    @admin.action(description="Replay (send again as new attempts)", permissions=["replay"])
+    def replay(self, request, queryset):
+        count = webhooks.webhook_replay(deliveries=queryset, actor=request.user)
+        self.message_user(request, f"{count} deliver{'y' if count == 1 else 'ies'} queued again.", messages.SUCCESS)

@@ -1,6 +1,10 @@
-"""The organisation (people, departments, cost centers, teams, memberships) and the append-only audit trail."""
+"""The organisation (people, departments, cost centers, teams, memberships), the append-only audit trail, and
+outgoing webhook endpoints with their delivery log."""
+import uuid
+
 from django.contrib.auth.models import AbstractUser
 from django.db import models
+from django.utils import timezone
 
 from governance.validators import validate_cidr_list
 
@@ -157,3 +161,75 @@ class AuditEvent(models.Model):
 
     def delete(self, *args, **kwargs):
         raise PermissionError("audit events are append-only")
+
+
+class WebhookEndpoint(models.Model):
+    """A receiver of outgoing webhooks (governance.webhooks). Its signing secret is encrypted at rest
+    (governance.crypto), shown once when created or rotated, and never audited."""
+
+    EVENTS = (
+        ("access_request.created", "Access request created"),
+        ("access_request.decided", "Access request decided"),
+        ("key.issued", "Key issued"),
+        ("key.rotated", "Key rotated"),
+        ("key.revoked", "Key revoked"),
+        ("key.expiring", "Key expiring (7 and 1 days ahead)"),
+        ("budget.threshold_crossed", "Budget threshold crossed"),
+        ("anomaly.raised", "Anomaly raised"),
+        ("reconciliation.finished", "Reconciliation finished"),
+    )
+    AUDIT_EXCLUDE = ("secret_encrypted",)
+
+    url = models.URLField(max_length=500, help_text="Receives a signed JSON POST for each event.")
+    description = models.CharField(max_length=200, blank=True)
+    events = models.JSONField(default=list, blank=True, help_text="Event names to send; empty: every event.")
+    secret_encrypted = models.TextField(editable=False)
+    is_active = models.BooleanField(default=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["url"]
+
+    def __str__(self) -> str:
+        return self.description or self.url
+
+    @property
+    def secret(self) -> str:
+        from governance import crypto
+
+        return crypto.decrypt(self.secret_encrypted)
+
+    def set_secret(self, plaintext: str) -> None:
+        from governance import crypto
+
+        self.secret_encrypted = crypto.encrypt(plaintext)
+
+    def wants(self, event: str) -> bool:
+        return self.is_active and (not self.events or event in self.events)
+
+
+class WebhookDelivery(models.Model):
+    """One event for one endpoint, and how sending it went. Written only by governance.webhooks."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        DELIVERED = "delivered", "Delivered"
+        FAILED = "failed", "Failed"
+
+    uuid = models.UUIDField(default=uuid.uuid4, unique=True, editable=False, help_text="The body's id and X-Tollgate-Delivery.")
+    endpoint = models.ForeignKey(WebhookEndpoint, on_delete=models.CASCADE, related_name="deliveries")
+    event = models.CharField(max_length=64, db_index=True)
+    payload = models.JSONField(help_text="The body's data: ids, prefixes, names, amounts and links; never a secret.")
+    status = models.CharField(max_length=16, choices=Status.choices, default=Status.PENDING, db_index=True)
+    attempts = models.PositiveIntegerField(default=0)
+    last_status_code = models.PositiveSmallIntegerField(null=True, blank=True)
+    last_error = models.CharField(max_length=500, blank=True)
+    created_at = models.DateTimeField(default=timezone.now, db_index=True)
+    delivered_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name_plural = "webhook deliveries"
+        ordering = ["-id"]
+
+    def __str__(self) -> str:
+        return f"{self.event} to {self.endpoint_id} ({self.status})"

@@ -35,7 +35,9 @@ ALL_ACTIONS = ("add", "change", "delete", "view")
 # Nobody edits or deletes the audit trail, whatever the role says.
 NEVER_GRANTED = {"governance.change_auditevent", "governance.delete_auditevent", "governance.add_auditevent"}
 # Prompts and responses are for IT and security reviews, not for chargeback.
-ROLE_DENY = {FINANCE: {"ledger.view_callbody", "ledger.add_callbody", "ledger.change_callbody", "ledger.delete_callbody"}}
+# Webhook receivers' URLs can carry their own tokens (Slack's do): IT's and auditors', not finance's.
+ROLE_DENY = {FINANCE: {"ledger.view_callbody", "ledger.add_callbody", "ledger.change_callbody", "ledger.delete_callbody",
+                       "governance.view_webhookendpoint", "governance.view_webhookdelivery"}}
 
 
 def sync_roles(apps, schema_editor=None) -> None:

@@ -58,6 +58,7 @@ INSTALLED_APPS = [
     "rest_framework",
     "django_filters",
     "drf_spectacular",
+    "drf_spectacular_sidecar",
     "mozilla_django_oidc",
     "import_export",
     "axes",
@@ -99,6 +100,74 @@ AUTH_USER_MODEL = "governance.Person"
 LOGIN_URL = "/accounts/login/"
 LOGIN_REDIRECT_URL = "/"
 LOGOUT_REDIRECT_URL = "/accounts/login/"
+# --- Single sign-on (OpenID Connect with mozilla-django-oidc; README: Single sign-on) ------------
+# On when OIDC_RP_CLIENT_ID is set; off, nothing of it is wired and /oidc/ answers 404. The provider's
+# endpoints come from TOLLGATE_OIDC_ISSUER's discovery document, read at the first login rather than at start
+# (the relay must not depend on the identity provider being up), unless OIDC_OP_* name them.
+OIDC_RP_CLIENT_ID = _env("str", "OIDC_RP_CLIENT_ID", default="")
+TOLLGATE_SSO = bool(OIDC_RP_CLIENT_ID)
+OIDC_RP_CLIENT_SECRET = _env("str", "OIDC_RP_CLIENT_SECRET", default="")
+OIDC_RP_SIGN_ALGO = _env("str", "OIDC_RP_SIGN_ALGO", default="RS256")
+OIDC_RP_SCOPES = _env("str", "OIDC_RP_SCOPES", default="openid email profile")
+TOLLGATE_OIDC_ISSUER = _env("str", "TOLLGATE_OIDC_ISSUER", default="").rstrip("/")
+OIDC_OP_AUTHORIZATION_ENDPOINT = _env("str", "OIDC_OP_AUTHORIZATION_ENDPOINT", default="")
+OIDC_OP_TOKEN_ENDPOINT = _env("str", "OIDC_OP_TOKEN_ENDPOINT", default="")
+OIDC_OP_USER_ENDPOINT = _env("str", "OIDC_OP_USER_ENDPOINT", default="")
+OIDC_OP_JWKS_ENDPOINT = _env("str", "OIDC_OP_JWKS_ENDPOINT", default="")
+OIDC_TIMEOUT = _env("float", "OIDC_TIMEOUT", default=10.0)  # the library's default is to wait forever
+# A signed-in person passes through the provider again (silently) this often: groups and deactivation resync.
+OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS = _env("int", "OIDC_RENEW_ID_TOKEN_EXPIRY_SECONDS", default=900)
+OIDC_AUTHENTICATE_CLASS = "governance.sso.TollgateAuthenticationRequestView"
+OIDC_CALLBACK_CLASS = "governance.sso.TollgateAuthenticationCallbackView"
+LOGIN_REDIRECT_URL_FAILURE = "/accounts/login/?sso=failed"
+# Identity-provider groups -> Tollgate: roles ("IT admin=tollgate-it,..."), teams by prefix ("team-platform"
+# -> the team with slug "platform"); TOLLGATE_OIDC_ALLOWED_GROUPS (empty: anyone the provider signs in).
+TOLLGATE_OIDC_GROUPS_CLAIM = _env("str", "TOLLGATE_OIDC_GROUPS_CLAIM", default="groups")
+TOLLGATE_OIDC_TEAM_GROUP_PREFIX = _env("str", "TOLLGATE_OIDC_TEAM_GROUP_PREFIX", default="team-")
+TOLLGATE_OIDC_ALLOWED_GROUPS = _env("list", "TOLLGATE_OIDC_ALLOWED_GROUPS", default=[])
+TOLLGATE_OIDC_ACTIVE_CLAIM = _env("str", "TOLLGATE_OIDC_ACTIVE_CLAIM", default="active")  # false: deactivate
+TOLLGATE_OIDC_LOCAL_LOGIN = _env("str", "TOLLGATE_OIDC_LOCAL_LOGIN", default="superusers")
+if TOLLGATE_OIDC_LOCAL_LOGIN not in ("superusers", "all"):
+    raise ImproperlyConfigured("TOLLGATE_OIDC_LOCAL_LOGIN: must be 'superusers' or 'all'")
+
+
+def _oidc_role_groups(value: str) -> dict[str, str]:
+    """"IT admin=tollgate-it,Finance=tollgate-finance" -> {"tollgate-it": "IT admin", ...} (group -> role)."""
+    from governance import roles
+
+    mapping = {}
+    for pair in filter(None, (part.strip() for part in value.split(","))):
+        role, _, group = (side.strip() for side in pair.partition("="))
+        if role not in roles.ROLE_PERMISSIONS or not group:
+            raise ImproperlyConfigured(f"TOLLGATE_OIDC_ROLE_GROUPS: {pair!r} is not 'role=group' with a role among "
+                                       f"{', '.join(roles.ROLE_PERMISSIONS)}")
+        mapping[group] = role
+    return mapping
+
+
+TOLLGATE_OIDC_ROLE_GROUPS = _oidc_role_groups(env.str("TOLLGATE_OIDC_ROLE_GROUPS", default=""))
+if TOLLGATE_SSO:
+    if not OIDC_RP_CLIENT_SECRET:
+        raise ImproperlyConfigured("OIDC_RP_CLIENT_SECRET: must be set when OIDC_RP_CLIENT_ID is")
+    if not OIDC_RP_SIGN_ALGO.startswith(("RS", "ES", "HS")):
+        raise ImproperlyConfigured(f"OIDC_RP_SIGN_ALGO: {OIDC_RP_SIGN_ALGO!r} is not an RS*, ES* or HS* algorithm")
+    _endpoints = {"OIDC_OP_AUTHORIZATION_ENDPOINT": OIDC_OP_AUTHORIZATION_ENDPOINT, "OIDC_OP_TOKEN_ENDPOINT":
+                  OIDC_OP_TOKEN_ENDPOINT, "OIDC_OP_USER_ENDPOINT": OIDC_OP_USER_ENDPOINT}
+    if not OIDC_RP_SIGN_ALGO.startswith("HS"):
+        _endpoints["OIDC_OP_JWKS_ENDPOINT"] = OIDC_OP_JWKS_ENDPOINT
+    for _name, _url in {"TOLLGATE_OIDC_ISSUER": TOLLGATE_OIDC_ISSUER, **_endpoints}.items():
+        if _url and not _url.startswith(("https://", "http://")):
+            raise ImproperlyConfigured(f"{_name}: {_url!r} is not an http(s) URL")
+        if not _url and not TOLLGATE_OIDC_ISSUER and _name != "TOLLGATE_OIDC_ISSUER":
+            raise ImproperlyConfigured(f"{_name}: must be set when TOLLGATE_OIDC_ISSUER is not")
+    # The password form stays for break-glass superusers (TOLLGATE_OIDC_LOCAL_LOGIN=superusers) or for all.
+    AUTHENTICATION_BACKENDS = [
+        AUTHENTICATION_BACKENDS[0],  # axes first: a locked-out address is refused whichever way it signs in
+        "governance.sso.BreakGlassModelBackend" if TOLLGATE_OIDC_LOCAL_LOGIN == "superusers"
+        else "django.contrib.auth.backends.ModelBackend",
+        "governance.sso.TollgateOIDCBackend",
+    ]
+    MIDDLEWARE = [*MIDDLEWARE, "governance.sso.TollgateSessionRefresh"]
 # With DEBUG on, pages answer 404/500 with the console's pages; true brings back Django's debug pages.
 TOLLGATE_DEBUG_PAGES = _env("bool", "TOLLGATE_DEBUG_PAGES", default=False)
 
@@ -259,9 +328,47 @@ if TESTING:
     PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 
 REST_FRAMEWORK = {
-    "DEFAULT_AUTHENTICATION_CLASSES": ["rest_framework.authentication.SessionAuthentication"],
-    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "governance.api.authentication.ApiTokenAuthentication",  # Authorization: Bearer tg_api_...
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": [
+        "rest_framework.permissions.IsAuthenticated",
+        "governance.api.permissions.TokenScope",
+        "governance.api.permissions.HasModelPerm",
+    ],
     "DEFAULT_FILTER_BACKENDS": ["django_filters.rest_framework.DjangoFilterBackend"],
+    "DEFAULT_PAGINATION_CLASS": "governance.api.pagination.StandardPagination",
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "EXCEPTION_HANDLER": "governance.api.errors.exception_handler",
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "Tollgate management API",
+    "DESCRIPTION": "Keys, access requests, budgets, usage and chargeback. Authenticate with "
+                   "`Authorization: Bearer tg_api_...` (an API token) or a browser session.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    # The docs page's Swagger UI from the installed sidecar package, never a CDN.
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+    "SERVE_PERMISSIONS": ["rest_framework.permissions.AllowAny"],
+    "PREPROCESSING_HOOKS": ["governance.api.schema.only_management_api"],
+    "COMPONENT_SPLIT_REQUEST": True,
+    "ENUM_NAME_OVERRIDES": {
+        "UsageClassEnum": "governance.models.UsageClass",
+        "KeyStatusEnum": "keys.models.VirtualKey.Status",
+        "DecisionStatusEnum": "keys.models.AccessRequest.Status",  # increases share it
+        "AccessRequestKindEnum": "keys.models.AccessRequest.Kind",
+        "ApiTokenKindEnum": "keys.models.ApiToken.Kind",
+        "GrantStatusEnum": "budgets.models.Grant.Status",
+        "AlertStatusEnum": "budgets.models.Alert.Status",
+        "AlertKindEnum": "budgets.models.Alert.Kind",
+        "ProviderKindEnum": "gateway.models.Provider.Kind",
+        "ModelKindEnum": "gateway.models.ModelAlias.Kind",
+        "ReconciliationStatusEnum": "ledger.models.Reconciliation.Status",
+        "CostImportStatusEnum": "ledger.models.ProviderCostImport.Status",
+    },
 }
 
 # --- Tollgate ----------------------------------------------------------------------------------
@@ -295,6 +402,12 @@ TOLLGATE_RECONCILE_DRIFT_PCT = Decimal(_env("str", "TOLLGATE_RECONCILE_DRIFT_PCT
 # Provider cost files: uploads above this are refused; accepted ones are stored here (shared by web and
 # worker: a volume in docker-compose) and read by the worker.
 TOLLGATE_COST_IMPORT_MAX_BYTES = _env("int", "TOLLGATE_COST_IMPORT_MAX_BYTES", default=200 * 1024 * 1024)
+# Outgoing webhooks (governance.webhooks): each POST waits this long; a delivery is tried this many times,
+# with exponential backoff from 30 s, before it is marked failed.
+TOLLGATE_WEBHOOK_TIMEOUT_SECONDS = _env("float", "TOLLGATE_WEBHOOK_TIMEOUT_SECONDS", default=5.0)
+TOLLGATE_WEBHOOK_MAX_ATTEMPTS = _env("int", "TOLLGATE_WEBHOOK_MAX_ATTEMPTS", default=8)
+if TOLLGATE_WEBHOOK_MAX_ATTEMPTS < 1:
+    raise ImproperlyConfigured("TOLLGATE_WEBHOOK_MAX_ATTEMPTS: must be at least 1")
 MEDIA_ROOT = Path(env.str("TOLLGATE_MEDIA_DIR", default=str(VAR_DIR / "media")))
 TOLLGATE_GRANT_AUTO_INCREASE = Decimal(_env("str", "TOLLGATE_GRANT_AUTO_INCREASE", default="100"))
 # Anomaly detection (budgets.anomalies, beat every 5 minutes): each key, person and team's last window against

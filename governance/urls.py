@@ -15,10 +15,12 @@ urlpatterns = [
     path("readyz", health.readyz, name="readyz"),
     path("accounts/login/", auth_views.LoginView.as_view(), name="login"),
     path("accounts/logout/", auth_views.LogoutView.as_view(), name="logout"),
+    path("oidc/", include("mozilla_django_oidc.urls")),
     path("admin/", admin.site.urls),
     path("keys/", include("keys.urls")),
     path("budgets/", include("budgets.urls")),
     path("ledger/", include("ledger.urls")),
+    path("api/", include("governance.api.urls")),
     path("", include("gateway.urls")),
     path("", TemplateView.as_view(template_name="home.html"), name="home"),
 ]

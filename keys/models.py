@@ -249,3 +249,61 @@ class PolicyAcceptance(models.Model):
 
     def __str__(self) -> str:
         return f"{self.person} accepted v{self.policy.version} on {self.accepted_at:%Y-%m-%d}"
+
+
+class ApiTokenQuerySet(models.QuerySet):
+    def usable(self) -> "ApiTokenQuerySet":
+        """Tokens that still authenticate: not revoked, not expired, held by an active person."""
+        return self.filter(revoked_at__isnull=True, person__is_active=True).filter(
+            Q(expires_at__isnull=True) | Q(expires_at__gt=timezone.now()))
+
+
+class ApiToken(models.Model):
+    """A token for the management API (/api/v1/): `Authorization: Bearer tg_api_...`. Stored as SHA-256 plus a
+    visible prefix, like virtual keys; the secret is shown once, when issued (governance.api.tokens). A token
+    acts as its person, and its scopes narrow what that person may do: {"keys": "write", "usage": "read"}."""
+
+    class Kind(models.TextChoices):
+        PERSONAL = "personal", "Personal"
+        SERVICE = "service", "Service (an automation account acting as itself)"
+
+    AUDIT_EXCLUDE = ("token_hash",)
+
+    name = models.CharField(max_length=120, help_text="What the token is for, e.g. 'Jira automation'.")
+    kind = models.CharField(max_length=16, choices=Kind.choices, default=Kind.PERSONAL)
+    person = models.ForeignKey(
+        settings.AUTH_USER_MODEL, on_delete=models.PROTECT, related_name="api_tokens",
+        help_text="Whom the token acts as: a person, or the account of a service (a person without a login).",
+    )
+    prefix = models.CharField(max_length=16, db_index=True, editable=False)
+    token_hash = models.CharField(max_length=64, unique=True, editable=False)
+    scopes = models.JSONField(
+        default=dict, blank=True,
+        help_text='Resource -> "read" or "write", e.g. {"keys": "write", "usage": "read"}; "*" for every resource.',
+    )
+    expires_at = models.DateTimeField(null=True, blank=True)
+    last_used_at = models.DateTimeField(null=True, blank=True, editable=False)
+    revoked_at = models.DateTimeField(null=True, blank=True, editable=False)
+    created_at = models.DateTimeField(auto_now_add=True)
+    created_by = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.PROTECT, related_name="+", editable=False,
+    )
+
+    objects = ApiTokenQuerySet.as_manager()
+
+    class Meta:
+        ordering = ["-created_at"]
+        verbose_name = "API token"
+        constraints = [models.CheckConstraint(condition=~Q(prefix=""), name="api_token_prefix_not_empty")]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.prefix}…)"
+
+    @property
+    def revoked(self) -> bool:
+        return self.revoked_at is not None
+
+    def allows(self, resource: str, *, write: bool) -> bool:
+        """Whether the scopes let the token read (or write) `resource`; write implies read."""
+        level = self.scopes.get(resource, self.scopes.get("*")) if isinstance(self.scopes, dict) else None
+        return level == "write" or (level == "read" and not write)

@@ -23,6 +23,7 @@ from governance import roles
 from governance.audit import audit_record
 from governance.notify import email_after_commit
 from governance.spreadsheets import safe_cell
+from governance.webhooks import reconciliation_payload, webhook_emit
 from ledger.models import DailyRollup, LedgerEntry, ProviderCostLine, Reconciliation, ReconciliationLine, TrueUp
 
 Flag = ReconciliationLine.Flag
@@ -165,6 +166,7 @@ def reconcile(*, provider: Provider, month: date, actor=None) -> Reconciliation:
     audit_record(actor=actor, actor_label=None if actor else "monthly reconciliation", action="ledger.reconcile",
                  obj=result, after={"billed": result.billed, "ledger": result.ledger, "bypass": result.bypass,
                                     "unexplained": result.unexplained, "status": result.status})
+    webhook_emit("reconciliation.finished", reconciliation_payload(result))
     return result
 
 

@@ -12,6 +12,7 @@ from governance import crypto, runtime
 from governance.audit import audit_record, snapshot
 from governance.models import Person, Team
 from governance.notify import email_after_commit
+from governance.webhooks import key_payload, webhook_emit
 from keys import keyformat
 from keys.models import ProvisioningPolicy, VirtualKey
 from keys.services.links import absolute_link
@@ -54,6 +55,7 @@ def key_issue(*, name: str, team: Team, person: Person | None, actor: Person | N
         key.allowed_models.set(aliases)
     after = {**snapshot(key), "allowed_models": sorted(a.name for a in aliases), "signing_secret": bool(signing_secret)}
     audit_record(actor=actor, actor_label=actor_label, action="key.issue", obj=key, after=after)
+    webhook_emit("key.issued", key_payload(key, approved_by_policy=key.approved_by_policy))
     return IssuedKey(key=key, secret=new.secret, signing_secret=signing_secret)
 
 
@@ -72,6 +74,7 @@ def key_rotate(*, key: VirtualKey, actor: Person | None, grace_hours: int | None
     key.save(update_fields=["previous_key_hash", "previous_key_expires_at", "key_hash", "prefix"])
     audit_record(actor=actor, action="key.rotate", obj=key, before=before,
                  after={**snapshot(key), "old_secret_valid_until": key.previous_key_expires_at})
+    webhook_emit("key.rotated", key_payload(key, old_secret_valid_until=key.previous_key_expires_at))
     return IssuedKey(key=key, secret=new.secret)
 
 
@@ -111,6 +114,7 @@ def key_revoke(*, key: VirtualKey, actor: Person | None, reason: str, actor_labe
     _may_manage(actor, key)
     key = _transition(key, actor=actor, actor_label=actor_label, action="key.revoke", to_status=VirtualKey.Status.REVOKED,
                       allowed_from=LIVE, reason=reason, previous_key_expires_at=None)
+    webhook_emit("key.revoked", key_payload(key, reason=reason))
     if key.person and key.person != actor:
         email_after_commit(to=[key.person], subject=f"Your key {key.prefix}… was revoked",
                            body=f"Your Tollgate key '{key.name}' ({key.prefix}…) was revoked. Reason: {reason}\n\n"
@@ -181,6 +185,7 @@ def keys_expire_sweep(*, now=None) -> SweepResult:
                 claimed = VirtualKey.objects.filter(pk=key.pk).exclude(expiry_notice_days__lte=days).update(expiry_notice_days=days)
                 if claimed != 1:
                     continue
+                webhook_emit("key.expiring", key_payload(key, days_left=days))
                 recipients = [key.person] if key.person else [key.team.owner]
                 email_after_commit(to=recipients, subject=f"Your key {key.prefix}… expires in {days} day(s)",
                                    body=f"Your Tollgate key '{key.name}' expires on {key.expires_at:%Y-%m-%d %H:%M} UTC. "

@@ -9,6 +9,7 @@ from django.utils import timezone
 from governance.audit import audit_record
 from governance.models import Membership, Person, Team
 from governance.notify import email_after_commit
+from governance.webhooks import access_request_payload, webhook_emit
 from keys.models import AccessRequest, ProvisioningPolicy, VirtualKey
 from keys.services.lifecycle import IssuedKey, key_extend, key_issue
 from keys.services.links import absolute_link
@@ -101,6 +102,7 @@ def request_submit(*, requester: Person, team: Team, aliases, use_case: str, key
     after = {"team": team.slug, "models": sorted(a.name for a in aliases), "class": key_class,
              "days": duration_days, "budget": monthly_budget, "review_reasons": reasons}
     audit_record(actor=requester, action="access_request.submit", obj=request, after=after)
+    webhook_emit("access_request.created", {**access_request_payload(request), "review_reasons": reasons})
     if reasons:
         request.review_reasons = reasons
         request.save(update_fields=["review_reasons"])
@@ -127,6 +129,7 @@ def _decide(request: AccessRequest, *, status: str, actor: Person | None, reason
     verb = "approve" if status == AccessRequest.Status.APPROVED else "deny"
     audit_record(actor=actor, actor_label=None if actor else "provisioning policy", action=f"access_request.{verb}",
                  obj=request, after={"status": status, "reason": reason, "key": request.key.prefix if request.key else None})
+    webhook_emit("access_request.decided", access_request_payload(request))
     to_collect = status == AccessRequest.Status.APPROVED and request.kind == AccessRequest.Kind.NEW_KEY and not request.key
     email_after_commit(to=[request.requester], subject=f"Your access request was {status}",
                        body=f"Your {request.get_kind_display().lower()} request for {request.team.name} was {status}"
@@ -206,6 +209,7 @@ def request_change(*, key: VirtualKey, requester: Person, kind: str, use_case: s
     request.aliases.set(key.allowed_models.all())
     audit_record(actor=requester, action="access_request.submit", obj=request,
                  after={"kind": kind, "key": key.prefix, "days": duration_days, "budget": monthly_budget})
+    webhook_emit("access_request.created", access_request_payload(request))
     email_after_commit(to=approvers_of(key.team, besides=requester),
                        subject=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()}",
                        body=f"{requester} asks for {AccessRequest.Kind(kind).label.lower()} on key {key.prefix}…: {use_case}\n\n"

@@ -21,7 +21,8 @@ from django.utils import timezone
 from budgets.models import Alert, Grant, IncreaseRequest
 from gateway.models import BilledModelName
 from governance import roles
-from governance.models import Membership
+from governance.api.tokens import api_token_issue
+from governance.models import Membership, WebhookDelivery, WebhookEndpoint
 from keys.models import AcceptableUsePolicy, AccessRequest, PolicyAcceptance
 from ledger.models import Reconciliation, TrueUp
 from tests.budgets.factories import GrantFactory
@@ -39,6 +40,9 @@ PAGES = {
     "healthz": {("GET", "-"): "OOOOOOO"},
     "readyz": {("GET", "-"): "OOOOOOO"},
     "login": {("GET", "-"): "OOOOOOO"},
+    "oidc_authentication_init": {("GET", "-"): "HHHHHHH"},  # single sign-on off in this world: 404
+    "oidc_authentication_callback": {("GET", "-"): "HHHHHHH"},
+    "oidc_logout": {("POST", "-"): "LLLLLLL"},
     "logout": {("POST", "-"): "LLLLLLL"},  # logging out lands on the login page
     "keys:my-keys": {("GET", "-"): "LOOOOOO"},
     "keys:request": {("GET", "-"): "LOOOOOO"},
@@ -67,6 +71,7 @@ PAGES = {
     "relay-messages": {("POST", "-"): "KKKKKKK"},
     "relay-embeddings": {("POST", "-"): "KKKKKKK"},
     "relay-models": {("GET", "-"): "KKKKKKK"},
+    "relay-key": {("GET", "-"): "KKKKKKK"},  # a Tollgate key reads its own status: not a login
     "relay-unknown": {("GET", "-"): "HHHHHHH"},  # any other /v1 path: JSON 404, ledgered
 }
 
@@ -91,7 +96,10 @@ ADMIN = {
     "governance.membership": ("LLLLOOO", "LLLLODD"),
     "governance.person": ("LLLLOOO", "LLLLODD"),
     "governance.team": ("LLLLOOO", "LLLLODD"),
+    "governance.webhookdelivery": ("LLLLODO", "LLLLDDD"),  # the delivery log; finance does not see receivers
+    "governance.webhookendpoint": ("LLLLODO", "LLLLODD"),
     "keys.acceptableusepolicy": ("LLLLOOO", "LLLLODD"),
+    "keys.apitoken": ("LLLLOOO", "LLLLODD"),
     "keys.accessrequest": ("LLLLOOO", "LLLLDDD"),
     "keys.policyacceptance": ("LLLLOOO", "LLLLDDD"),  # read-only: written by keys.services.aup_accept
     "keys.provisioningpolicy": ("LLLLOOO", "LLLLDDD"),  # one policy: it is changed, never added again
@@ -111,7 +119,9 @@ def _routes() -> dict[str, URLPattern]:
     def walk(patterns, namespace=None):
         for pattern in patterns:
             if isinstance(pattern, URLResolver):
-                if pattern.app_name == "admin":
+                # The admin has its own table (ADMIN); the management API answers with tokens and JSON, and
+                # its role-by-resource table is tests/api/test_permissions.py.
+                if pattern.app_name in ("admin", "api"):
                     continue
                 walk(pattern.url_patterns, pattern.namespace or namespace)
             else:
@@ -135,7 +145,7 @@ class World:
         self.employee = MembershipFactory(team=self.team_a).person
         self.approver = MembershipFactory(team=self.team_a, role=Membership.Role.APPROVER).person
         self.owner = self.team_a.owner
-        stranger = MembershipFactory(team=self.team_b).person
+        stranger = self.stranger = MembershipFactory(team=self.team_b).person
         self.people = {
             "anon": None, "employee": self.employee, "approver": self.approver, "owner": self.owner,
             "it": PersonFactory(roles=[roles.IT_ADMIN]), "finance": PersonFactory(roles=[roles.FINANCE]),
@@ -180,6 +190,13 @@ class World:
                                           team=self.team_b, window_start=timezone.now(), window_end=timezone.now(),
                                           evidence={"window_calls": 60, "window_minutes": 5, "times_usual": 6,
                                                     "usual_calls_per_window": 10})
+        self.api_token = api_token_issue(person=self.stranger, name="matrix", scopes={"*": "read"},
+                                         actor=self.stranger).token
+        self.webhook = WebhookEndpoint(url="https://hooks.example.com/tollgate", description="matrix")
+        self.webhook.set_secret("whsec_matrix_secret_0000")
+        self.webhook.save()
+        self.delivery = WebhookDelivery.objects.create(endpoint=self.webhook, event="key.issued", payload={},
+                                                       status=WebhookDelivery.Status.FAILED)
         policy = AcceptableUsePolicy.objects.create(version="1", text="Use keys for work.",
                                                     effective_from=timezone.localdate() + timezone.timedelta(days=365))
         PolicyAcceptance.objects.create(policy=policy, person=self.people["finance"])
@@ -302,6 +319,10 @@ ACTIONS = {
     ("keys.accessrequest", "approve"): "LLLLO--",
     ("keys.accessrequest", "deny"): "LLLLO--",
     ("axes.accessattempt", "unlock"): "LLLLO--",
+    ("governance.webhookendpoint", "rotate_secret"): "LLLLO--",
+    ("governance.person", "deactivate_and_suspend_keys"): "LLLLO--",
+    ("keys.apitoken", "revoke"): "LLLLO--",
+    ("governance.webhookdelivery", "replay"): "LLLLO--",
     ("budgets.alert", "acknowledge"): "LLLLO--",
     ("budgets.alert", "resolve"): "LLLLO--",
     ("budgets.alert", "resolve_and_reinstate"): "LLLLO--",
@@ -312,12 +333,16 @@ def _target(world, model, action):
     if action == "reactivate":
         type(world.key["other"]).objects.filter(pk=world.key["other"].pk).update(status="suspended")
     return {"keys.virtualkey": world.key["other"], "keys.accessrequest": world.pending["other"],
-            "axes.accessattempt": world.attempt, "budgets.alert": world.alert}[model]
+            "axes.accessattempt": world.attempt, "budgets.alert": world.alert,
+            "governance.webhookendpoint": world.webhook, "governance.webhookdelivery": world.delivery,
+            "governance.person": world.stranger, "keys.apitoken": world.api_token}[model]
 
 
 def _state(obj):
     fresh = type(obj).objects.filter(pk=obj.pk).first()
-    return None if fresh is None else (getattr(fresh, "status", "present"), getattr(fresh, "expires_at", None))
+    return None if fresh is None else (getattr(fresh, "status", "present"), getattr(fresh, "expires_at", None),
+                                       getattr(fresh, "secret_encrypted", None), getattr(fresh, "attempts", None),
+                                       getattr(fresh, "is_active", None), getattr(fresh, "revoked_at", None))
 
 
 def test_every_admin_action_has_its_row():

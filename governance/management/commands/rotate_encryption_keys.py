@@ -5,6 +5,7 @@ from django.db import transaction
 from gateway.models import Provider
 from governance import crypto, runtime
 from governance.audit import audit_record
+from governance.models import WebhookEndpoint
 from keys.models import VirtualKey
 
 # Every encrypted column in Tollgate: a new one must be listed here.
@@ -12,6 +13,7 @@ ENCRYPTED_FIELDS = [
     (Provider, "api_key_encrypted"),
     (Provider, "admin_key_encrypted"),
     (VirtualKey, "signing_secret_encrypted"),
+    (WebhookEndpoint, "secret_encrypted"),
 ]
 
 

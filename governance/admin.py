@@ -6,7 +6,7 @@ from django.core.exceptions import PermissionDenied
 from django.db import transaction
 from django.http import HttpRequest
 
-from governance.audit import audit_record, snapshot
+from governance.audit import audit_record, audited_save, snapshot
 from governance.bigtables import LargeTableAdminMixin, recent_values_filter
 from governance.models import AuditEvent, CostCenter, Department, Membership, Person, Team
 from governance.people import person_deactivate
@@ -19,13 +19,7 @@ class AuditedModelAdmin(admin.ModelAdmin):
         return f"{obj._meta.model_name}.{verb}"
 
     def save_model(self, request: HttpRequest, obj, form, change: bool) -> None:
-        with transaction.atomic():
-            before = snapshot(type(obj).objects.get(pk=obj.pk)) if change else None
-            super().save_model(request, obj, form, change)
-            audit_record(
-                actor=request.user, action=self._action_name(obj, "update" if change else "create"),
-                obj=obj, before=before, after=snapshot(obj),
-            )
+        audited_save(obj, actor=request.user)  # the same validated, audited write as the management API's
 
     def save_related(self, request, form, formsets, change):
         # Many-to-many changes (e.g. allowed models) land after save_model; record them too.

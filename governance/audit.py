@@ -220,3 +220,19 @@ def audit_verify() -> tuple[int, ChainBreak | None]:
         if not AuditEvent.objects.filter(pk=int(head["id"]), hash=head["hash"]).exists():
             return checked, ChainBreak(int(head["id"]), f"event #{head['id']} does not have the hash recorded in {where}")
     return checked, None
+
+
+def audited_save(obj: models.Model, *, actor, changed: list[str] | None = None) -> models.Model:
+    """Validate and save a record IT edits directly (org and catalog: no richer service), with its audit event
+    (`<model>.create` or `<model>.update`, before and after, secrets excluded) in the same transaction. The
+    admin (AuditedModelAdmin) and the management API both write through this."""
+    from django.db import transaction
+
+    with transaction.atomic():
+        creating = obj._state.adding
+        before = None if creating else snapshot(type(obj).objects.select_for_update().get(pk=obj.pk))
+        obj.full_clean()
+        obj.save()
+        audit_record(actor=actor, action=f"{obj._meta.model_name}.{'create' if creating else 'update'}", obj=obj,
+                     before=before, after=snapshot(obj))
+    return obj

@@ -57,3 +57,33 @@ def test_every_resource_has_its_row():
 def test_chargeback_is_for_finance_it_and_auditors():
     query = {"start": "2026-10-01", "end": "2026-10-31", "group_by": "team"}
     assert [_client(role).get("/api/v1/chargeback/", query).status_code for role in ROLES] == [401, 403, 200, 200, 200]
+
+
+def test_it_adds_and_changes_a_provider_whose_keys_are_write_only_and_audited():
+    from gateway.models import Provider
+    from governance.models import AuditEvent
+
+    it = token_client(PersonFactory(roles=[roles.IT_ADMIN]))
+    created = it.post("/api/v1/providers/", {"name": "Azure EU", "kind": "openai", "base_url": "https://eu.example.com/v1",
+                                             "api_key": "sk-secret-provider-key-123"}, format="json")
+    assert created.status_code == 201, created.content
+    assert "sk-secret" not in created.content.decode() and created.json()["has_api_key"] is True
+    provider = Provider.objects.get(name="Azure EU")
+    assert provider.api_key == "sk-secret-provider-key-123" and "sk-secret" not in provider.api_key_encrypted
+    changed = it.patch(f"/api/v1/providers/{provider.pk}/", {"read_timeout": 30}, format="json")
+    assert changed.status_code == 200 and changed.json()["read_timeout"] == 30
+    actions = list(AuditEvent.objects.filter(object_id=str(provider.pk)).values_list("action", flat=True))
+    assert {"provider.create", "provider.api_key_set", "provider.update"} <= set(actions)
+    assert not any("sk-secret" in str(e.after) + str(e.before) for e in AuditEvent.objects.all())
+
+
+@pytest.mark.parametrize("role", ["employee", "finance", "auditor"])
+def test_only_it_writes_providers(role):
+    response = _client(role).post("/api/v1/providers/", {"name": "X", "kind": "openai"}, format="json")
+    assert response.status_code == 403
+
+
+def test_a_bad_provider_is_a_400_naming_the_field():
+    it = token_client(PersonFactory(roles=[roles.IT_ADMIN]))
+    response = it.post("/api/v1/providers/", {"name": "Bad", "kind": "nope"}, format="json")
+    assert response.status_code == 400 and "kind" in response.content.decode()

@@ -1,11 +1,13 @@
-"""The organisation over the API, read only: departments, cost centers, teams, memberships (changed in the
-admin, where each change is audited) and the audit trail (append-only, for those with view permission)."""
+"""The organisation over the API: departments, cost centers, teams and memberships (IT adds and changes them, as
+in the admin, each change validated and audited by governance.audit.audited_save) and the audit trail
+(append-only, for those with view permission)."""
 from django.db.models import Q
 from rest_framework import serializers, viewsets
 
 from governance.api.pagination import NewestFirstCursorPagination
+from governance.api.writes import AuditedInput, AuditedWrites, ReadOrWrite
 from governance.filters import AuditEventFilter, CostCenterFilter, DepartmentFilter, MembershipFilter, TeamFilter
-from governance.models import AuditEvent, CostCenter, Department, Membership, Team
+from governance.models import AuditEvent, CostCenter, Department, Membership, Person, Team
 
 
 def teams_visible_to(person):
@@ -22,7 +24,17 @@ class DepartmentOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class DepartmentViewSet(viewsets.ReadOnlyModelViewSet):
+class DepartmentInput(AuditedInput):
+    output = DepartmentOutput
+
+    class Meta:
+        model = Department
+        fields = ["id", "name", "slug"]
+        read_only_fields = ["id"]
+
+
+class DepartmentViewSet(ReadOrWrite, AuditedWrites, viewsets.ReadOnlyModelViewSet):
+    input_class = DepartmentInput
     scope_resource = "departments"
     lookup_value_regex = r"[0-9]+"  # a malformed id is a 404 from the router, never a query
     serializer_class = DepartmentOutput
@@ -37,7 +49,17 @@ class CostCenterOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class CostCenterViewSet(viewsets.ReadOnlyModelViewSet):
+class CostCenterInput(AuditedInput):
+    output = CostCenterOutput
+
+    class Meta:
+        model = CostCenter
+        fields = ["id", "code", "name", "department", "is_active"]
+        read_only_fields = ["id"]
+
+
+class CostCenterViewSet(ReadOrWrite, AuditedWrites, viewsets.ReadOnlyModelViewSet):
+    input_class = CostCenterInput
     scope_resource = "cost-centers"
     lookup_value_regex = r"[0-9]+"  # a malformed id is a 404 from the router, never a query
     serializer_class = CostCenterOutput
@@ -58,7 +80,21 @@ class TeamOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class TeamViewSet(viewsets.ReadOnlyModelViewSet):
+class TeamInput(AuditedInput):
+    output = TeamOutput
+    department = serializers.SlugRelatedField(slug_field="slug", queryset=Department.objects.all())
+    cost_center = serializers.SlugRelatedField(slug_field="code", queryset=CostCenter.objects.all())
+    owner = serializers.SlugRelatedField(slug_field="username", queryset=Person.objects.filter(is_active=True))
+
+    class Meta:
+        model = Team
+        fields = ["id", "name", "slug", "department", "cost_center", "owner", "is_active", "body_logging",
+                  "rpm_limit", "rpd_limit", "tpm_limit", "tpd_limit"]
+        read_only_fields = ["id"]
+
+
+class TeamViewSet(ReadOrWrite, AuditedWrites, viewsets.ReadOnlyModelViewSet):
+    input_class = TeamInput
     scope_resource = "teams"
     lookup_value_regex = r"[0-9]+"  # a malformed id is a 404 from the router, never a query
     queryset = Team.objects.none()  # the schema's model; requests use get_queryset
@@ -80,7 +116,19 @@ class MembershipOutput(serializers.ModelSerializer):
         read_only_fields = fields
 
 
-class MembershipViewSet(viewsets.ReadOnlyModelViewSet):
+class MembershipInput(AuditedInput):
+    output = MembershipOutput
+    person = serializers.SlugRelatedField(slug_field="username", queryset=Person.objects.filter(is_active=True))
+    team = serializers.SlugRelatedField(slug_field="slug", queryset=Team.objects.all())
+
+    class Meta:
+        model = Membership
+        fields = ["id", "person", "team", "role", "created_at"]
+        read_only_fields = ["id", "created_at"]
+
+
+class MembershipViewSet(ReadOrWrite, AuditedWrites, viewsets.ReadOnlyModelViewSet):
+    input_class = MembershipInput
     scope_resource = "memberships"
     lookup_value_regex = r"[0-9]+"  # a malformed id is a 404 from the router, never a query
     queryset = Membership.objects.none()

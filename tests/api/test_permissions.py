@@ -87,3 +87,32 @@ def test_a_bad_provider_is_a_400_naming_the_field():
     it = token_client(PersonFactory(roles=[roles.IT_ADMIN]))
     response = it.post("/api/v1/providers/", {"name": "Bad", "kind": "nope"}, format="json")
     assert response.status_code == 400 and "kind" in response.content.decode()
+
+
+def test_it_builds_the_organisation_through_the_api_audited():
+    from governance.models import AuditEvent, Membership, Team
+
+    it = token_client(PersonFactory(roles=[roles.IT_ADMIN]))
+    owner, member = PersonFactory(username="olga"), PersonFactory(username="max")
+    assert it.post("/api/v1/departments/", {"name": "Research", "slug": "research"}, format="json").status_code == 201
+    department = it.get("/api/v1/departments/", {"slug": "research"}).json()["results"][0]["id"]
+    assert it.post("/api/v1/cost-centers/", {"code": "CC-900", "name": "Research", "department": department},
+                   format="json").status_code == 201
+    team = it.post("/api/v1/teams/", {"name": "Vision", "slug": "vision", "department": "research",
+                                      "cost_center": "CC-900", "owner": "olga", "rpm_limit": 60}, format="json")
+    assert team.status_code == 201 and team.json()["owner"] == "olga"
+    joined = it.post("/api/v1/memberships/", {"person": "max", "team": "vision", "role": "member"}, format="json")
+    assert joined.status_code == 201
+    again = it.post("/api/v1/memberships/", {"person": "max", "team": "vision", "role": "member"}, format="json")
+    assert again.status_code == 400 and Membership.objects.filter(person=member).count() == 1
+    assert it.patch(f"/api/v1/teams/{team.json()['id']}/", {"rpm_limit": 120}, format="json").json()["rpm_limit"] == 120
+    assert Team.objects.get(slug="vision").rpm_limit == 120
+    actions = set(AuditEvent.objects.values_list("action", flat=True))
+    assert {"department.create", "costcenter.create", "team.create", "membership.create", "team.update"} <= actions
+    assert owner.owned_teams.filter(slug="vision").exists()
+
+
+@pytest.mark.parametrize("role", ["employee", "finance", "auditor"])
+def test_only_it_changes_the_organisation(role):
+    response = _client(role).post("/api/v1/departments/", {"name": "X", "slug": "x"}, format="json")
+    assert response.status_code == 403

@@ -11,6 +11,7 @@ from gateway.errors import REFUSALS
 from governance import roles
 from governance.charts import line_chart
 from keys import services
+from keys.filters import VirtualKeyFilter
 from keys.forms import AccessRequestForm, ChangeRequestForm, ReasonForm
 from keys.models import AcceptableUsePolicy, AccessRequest, VirtualKey
 from keys.selectors import (
@@ -109,7 +110,9 @@ def request_access(request):
 
 @login_required
 def my_keys(request):
-    keys = keys_for_person(request.user).order_by("-created_at")
+    # The same FilterSet as the API's /api/v1/keys/ (keys.filters): ?status=active&team=platform works on both.
+    filters = VirtualKeyFilter(request.GET or None, queryset=keys_for_person(request.user).order_by("-created_at"))
+    keys = filters.qs if filters.is_bound else filters.queryset
     own_requests = list(AccessRequest.objects.filter(requester=request.user)
                         .select_related("team", "key", "decided_by").prefetch_related("aliases")[:20])
     for own in own_requests:
@@ -117,6 +120,7 @@ def my_keys(request):
             own.deciders = services.approvers_of(own.team, besides=request.user)
     return render(request, "keys/my_keys.html", {
         "keys": keys, "requests": own_requests, "reason_form": ReasonForm(), "change_form": ChangeRequestForm(),
+        "filters": filters,
     })
 
 

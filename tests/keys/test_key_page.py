@@ -155,3 +155,17 @@ def test_reset_date_of_each_period(key):
     assert _next_period(monday, Grant.Period.MONTHLY, None) == date(2026, 4, 1)
     assert _next_period(monday, Grant.Period.TOTAL, date(2026, 6, 30)) == date(2026, 7, 1)
     assert _next_period(monday, Grant.Period.TOTAL, None) is None
+
+
+def test_my_keys_filters_with_the_apis_filterset(client):
+    """One FilterSet per model, shared by the API and the list pages (issue 16): ?status= on My keys."""
+    from tests.governance.factories import PersonFactory
+    from tests.keys.factories import VirtualKeyFactory
+
+    person = PersonFactory()
+    active = VirtualKeyFactory(person=person, name="still-active")
+    VirtualKeyFactory(person=person, name="long-gone", status="revoked")
+    client.force_login(person)
+    page = client.get("/keys/", {"status": "active"}).content.decode()
+    assert "still-active" in page and "long-gone" not in page
+    assert "long-gone" in client.get("/keys/").content.decode() and active.prefix in page

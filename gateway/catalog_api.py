@@ -61,10 +61,17 @@ class ProviderViewSet(AuditedWrites, viewsets.ReadOnlyModelViewSet):
             else ProviderInput
 
 
+class BilledNameOutput(serializers.Serializer):
+    name = serializers.CharField()
+    snapshot_suffix = serializers.CharField(help_text="The regular expression of its dated snapshots; empty: exact.")
+
+
 class DeploymentOutput(serializers.Serializer):
     provider = serializers.CharField(source="provider_model.provider.name")
     provider_model = serializers.CharField(source="provider_model.name")
     priority = serializers.IntegerField()
+    billed_names = BilledNameOutput(source="provider_model.billed_names", many=True, read_only=True,
+                                    help_text="How the provider's bills name it (reconciliation matches through these).")
 
 
 class ModelOutput(serializers.ModelSerializer):
@@ -90,4 +97,5 @@ class ModelViewSet(viewsets.ReadOnlyModelViewSet):
     lookup_value_regex = r"[0-9]+"  # a malformed id is a 404 from the router, never a query
     serializer_class = ModelOutput
     filterset_fields = ["kind", "tier", "is_active"]
-    queryset = ModelAlias.objects.prefetch_related("deployments__provider_model__provider").order_by("name", "id")
+    queryset = ModelAlias.objects.prefetch_related("deployments__provider_model__provider",
+                                                   "deployments__provider_model__billed_names").order_by("name", "id")

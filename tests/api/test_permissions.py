@@ -116,3 +116,16 @@ def test_it_builds_the_organisation_through_the_api_audited():
 def test_only_it_changes_the_organisation(role):
     response = _client(role).post("/api/v1/departments/", {"name": "X", "slug": "x"}, format="json")
     assert response.status_code == 403
+
+
+def test_models_carry_prices_and_the_provider_name_mappings():
+    from gateway.models import BilledModelName
+    from tests.gateway.factories import DeploymentFactory
+
+    deployment = DeploymentFactory()
+    BilledModelName.objects.create(provider_model=deployment.provider_model, name=deployment.provider_model.name,
+                                   snapshot_suffix=BilledModelName.OPENAI_SNAPSHOT)
+    models = _client("employee").get("/api/v1/models/").json()["results"]
+    mine = next(m for m in models if m["name"] == deployment.alias.name)
+    assert mine["deployments"][0]["billed_names"] == [{"name": deployment.provider_model.name,
+                                                      "snapshot_suffix": BilledModelName.OPENAI_SNAPSHOT}]

@@ -29,6 +29,9 @@ WAIT_SECONDS = 10
 def demo(live_server):
     """The demo organisation, a fresh catalog cache and empty Redis counters (a previous run's database
     reused the same ids, so its budget holds and rate counters must not carry over)."""
+    from tests.support.relay_fixtures import forget_open_holds
+
+    forget_open_holds()
     client = get_redis()
     if client is not None:
         client.flushdb()

@@ -60,8 +60,11 @@ def test_key_page_shows_spend_holds_in_flight_budget_left_and_reset_date(client,
     team_grant = GrantFactory(team=key.team, limit_amount=Decimal("100.00"), period=Grant.Period.MONTHLY)
     grants = enforcement.covering_grants(key=key, person=key.person, team=key.team, tags=key.default_tags)
     assert grants == [team_grant]
-    enforcement.reserve(grants=grants, key=key, cost=Decimal("1.25"), tokens=0)  # a call in flight
-    budgets = section(client.get(f"/keys/{key.pk}/").content.decode(), "budgets")
+    in_flight = enforcement.reserve(grants=grants, key=key, cost=Decimal("1.25"), tokens=0)  # a call in flight
+    try:
+        budgets = section(client.get(f"/keys/{key.pk}/").content.decode(), "budgets")
+    finally:
+        enforcement.release(in_flight)  # the call ends: no hold outlives the test
     rows = re.findall(r"<tr>(.*?)</tr>", budgets, re.S)
     own = next(row for row in rows if "This key" in row)
     assert "$2.50" in own and "$1.25" in own and "$10.00" in own and "$6.25" in own  # spent, held, limit, left

@@ -40,14 +40,25 @@ def stub():
 
 @pytest.fixture
 def fresh_state(stub):
-    """Counters in Redis and the per-process catalog cache must not leak between tests."""
+    """Counters in Redis, the per-process catalog cache and this process's open budget holds must not leak
+    between tests: a hold an earlier test left open would be put back into the emptied Redis (the recovery
+    after a data loss, budgets.enforcement.recovery) under a grant id SQLite hands out again."""
     runtime.drop()
+    forget_open_holds()
     client = get_redis()
     if client is not None:
         client.flushdb()
     stub.reset()
     yield
     runtime.drop()
+
+
+def forget_open_holds() -> None:
+    from budgets.enforcement import recovery
+
+    with recovery._open_lock:
+        recovery._open.clear()
+    recovery._epoch_seen = None
 
 
 @pytest.fixture

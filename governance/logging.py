@@ -6,7 +6,7 @@ from governance.context import request_id_var
 
 # Tollgate keys, bearer tokens, provider keys (sk-..., sk-ant-...), Fernet tokens and webhook signing secrets.
 SECRET_PATTERN = re.compile(
-    r"(tg_[lt]_[0-9A-Za-z]{20,}|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}|sk-[A-Za-z0-9_-]{8,}|gAAAAA[A-Za-z0-9_=-]{20,}"
+    r"(tg_(?:[lt]|api)_[0-9A-Za-z]{20,}|(?i:bearer)\s+[A-Za-z0-9._~+/=-]{8,}|sk-[A-Za-z0-9_-]{8,}|gAAAAA[A-Za-z0-9_=-]{20,}"
     r"|whsec_[A-Za-z0-9_-]{20,})"
 )
 REDACTED = "[REDACTED]"

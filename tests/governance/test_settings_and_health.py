@@ -148,3 +148,12 @@ def test_a_command_run_beside_make_run_uses_its_embedded_redis(tmp_path):
     result = subprocess.run([sys.executable, "-c", "from django.conf import settings; print(settings.REDIS_URL)"],
                             cwd=Path(__file__).resolve().parents[2], env=env, capture_output=True, text=True, timeout=60)
     assert result.stdout.strip() == "unix:///tmp/tollgate-test-redis.sock", result.stderr
+
+
+def test_management_api_tokens_never_reach_the_log():
+    """A tg_api_ token written without "Bearer" before it (a command's output, an exception) is redacted too."""
+    from governance.api import tokens
+
+    secret = tokens.generate()[0]
+    line = _json_log_line("token issued: %s", secret)
+    assert secret not in json.dumps(line) and tg_logging.REDACTED in line["message"]
